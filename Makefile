@@ -101,7 +101,7 @@ proto:
 	    > tests/stubs/pb/__init__.py
 
 proto-check: proto
-	# Untracked generated files count as stale too.
+	@# Untracked generated files count as stale too.
 	untracked=$$(git ls-files --others --exclude-standard -- $(GEN_PATHS))
 	if [ -n "$$untracked" ]; then
 	    echo "make proto created files that are not committed:" >&2
