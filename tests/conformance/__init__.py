@@ -1,0 +1,1 @@
+"""The conformance suite: every case over every channel mode, against direct grpclib."""
