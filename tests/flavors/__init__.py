@@ -1,0 +1,1 @@
+"""Stub and service flavours (betterproto, betterproto2, grpclib) over tunnels."""
