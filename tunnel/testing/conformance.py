@@ -473,6 +473,80 @@ def check_server_stream_error(result: CaseResult) -> None:
     )
 
 
+async def client_stream_error(channel: grpclib.client.Channel) -> CaseResult:
+    """Client-streaming call whose last message asks for an error."""
+    requests = [
+        Message(payload=b"fine"),
+        Message(payload=b"fine too"),
+        Message(
+            code=Status.NOT_FOUND.value,
+            headers={"x-header": b"from the failing message"},
+            trailers={"x-trailer": b"also"},
+        ),
+    ]
+    # A raw stream sends the last message and the half-close together; with a
+    # stub's separate end() the server's reset could race the half-close.
+    return await _raw_call(channel, "ClientStream", Cardinality.STREAM_UNARY, requests)
+
+
+def check_client_stream_error(result: CaseResult) -> None:
+    """Status NOT_FOUND ``"error"``, headers and trailers from the failing message."""
+    _require(
+        result,
+        CaseResult(
+            status=Status.NOT_FOUND,
+            status_message="error",
+            initial_metadata=(("x-header", "from the failing message"),),
+            trailing_metadata=(("x-trailer", "also"),),
+        ),
+    )
+
+
+async def bidi_error(channel: grpclib.client.Channel) -> CaseResult:
+    """Bidi call: one message answered, then one that asks for an error."""
+    replies: list[Message] = []
+    stream = channel.request(
+        _METHOD_PREFIX + "BidiStream", Cardinality.STREAM_STREAM, Message, Message
+    )
+    failure: Exception | None = None
+    try:
+        async with stream:
+            await stream.send_message(Message(payload=b"answered"))
+            reply = await stream.recv_message()
+            if reply is not None:
+                replies.append(reply)
+            await stream.send_message(
+                Message(code=Status.PERMISSION_DENIED.value, trailers={"x-trailer": b"t"}),
+                end=True,
+            )
+            async for reply in stream:
+                replies.append(reply)
+            await stream.recv_trailing_metadata()
+    except Exception as exc:
+        failure = exc
+    return _ended(
+        replies,
+        failure,
+        initial_metadata=stream.initial_metadata,
+        trailing_metadata=stream.trailing_metadata,
+        observe_metadata=True,
+    )
+
+
+def check_bidi_error(result: CaseResult) -> None:
+    """One reply, then status PERMISSION_DENIED ``"error"`` with the last message's trailer."""
+    _require(
+        result,
+        CaseResult(
+            replies=(Reply(b"answered", 1),),
+            status=Status.PERMISSION_DENIED,
+            status_message="error",
+            initial_metadata=(),
+            trailing_metadata=(("x-trailer", "t"),),
+        ),
+    )
+
+
 async def bidi_ping_pong(channel: grpclib.client.Channel) -> CaseResult:
     """Bidi call sending five messages, each only after the previous reply arrived."""
     replies: list[Message] = []
@@ -679,11 +753,13 @@ CASES: tuple[Case, ...] = (
     Case("unary_headers_trailers", unary_headers_trailers, check_unary_headers_trailers),
     Case("client_stream", client_stream, check_client_stream),
     Case("client_stream_empty", client_stream_empty, check_client_stream_empty),
+    Case("client_stream_error", client_stream_error, check_client_stream_error),
     Case("server_stream", server_stream, check_server_stream),
     Case("server_stream_empty", server_stream_empty, check_server_stream_empty),
     Case("server_stream_error", server_stream_error, check_server_stream_error),
     Case("bidi_ping_pong", bidi_ping_pong, check_bidi_ping_pong),
     Case("bidi_half_duplex", bidi_half_duplex, check_bidi_half_duplex),
+    Case("bidi_error", bidi_error, check_bidi_error),
     Case("large_unary", large_unary, check_large_unary),
     Case("unknown_method", unknown_method, check_unknown_method),
     Case("deadline_exceeded", deadline_exceeded, check_deadline_exceeded),
