@@ -1,0 +1,114 @@
+"""Events returned by the protocol objects' ``receive_frame``.
+
+Each event says what the peer did, in protocol terms.  Events are plain
+immutable records; the adapter decides what they mean for tasks and calls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from grpclib.const import Cardinality
+
+from google.rpc.status_pb2 import Status
+from .metadata import MetadataPairs
+
+__all__ = [
+    "DataReceived",
+    "Event",
+    "HalfClosed",
+    "HeadersReceived",
+    "Negotiated",
+    "StreamEnded",
+    "StreamOpened",
+    "StreamReset",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Negotiated:
+    """Tunnel client: the tunnel is ready for streams, at this revision."""
+
+    revision: int
+
+
+@dataclass(frozen=True, slots=True)
+class StreamOpened:
+    """Tunnel server: the peer started a stream for a method we serve."""
+
+    stream_id: int
+    method: str
+    metadata: MetadataPairs
+    timeout: float | None
+    cardinality: Cardinality
+
+
+@dataclass(frozen=True, slots=True)
+class HeadersReceived:
+    """Tunnel client: the response headers of a stream arrived."""
+
+    stream_id: int
+    metadata: MetadataPairs
+
+
+@dataclass(frozen=True, slots=True)
+class DataReceived:
+    """A chunk of a message arrived.
+
+    ``end_of_message`` marks the last chunk of one message.  The receiver must
+    call ``acknowledge(stream_id, len(data))`` once the application has
+    consumed the chunk: that is what returns flow-control window to the peer.
+    """
+
+    stream_id: int
+    data: bytes
+    end_of_message: bool
+
+
+@dataclass(frozen=True, slots=True)
+class HalfClosed:
+    """Tunnel server: the client will send no more messages on this stream."""
+
+    stream_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEnded:
+    """Tunnel client: the stream is over.
+
+    ``status`` is None for OK.  The stream ends either because the server sent
+    ``close_stream`` or because the server broke the protocol on this stream
+    (then the core has already sent ``cancel`` and the status says why).
+    """
+
+    stream_id: int
+    status: Status | None
+    trailers: MetadataPairs
+    #: True when the core ended the stream itself (the server broke the
+    #: protocol on it): data received on it is no longer to be trusted.
+    reset: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class StreamReset:
+    """Tunnel server: stop working on this stream.
+
+    The client cancelled it, or broke the protocol on it.  The core has
+    already sent the final ``close_stream`` with ``code`` and ``message``;
+    anything the handler still sends on the stream is dropped.
+    """
+
+    stream_id: int
+    code: int
+    message: str
+
+
+Event = (
+    Negotiated
+    | StreamOpened
+    | HeadersReceived
+    | DataReceived
+    | HalfClosed
+    | StreamEnded
+    | StreamReset
+)

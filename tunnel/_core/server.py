@@ -1,0 +1,293 @@
+"""The tunnel server: the end that serves the streams a tunnel client starts.
+
+It is the network server of a forward tunnel and the network client of a
+reverse one.
+
+Stream ids come from the client and must grow: a ``new_stream`` whose id is
+not above the last one seen (negative ids included) is a broken peer and ends
+the tunnel, and so does any other frame for an id above the last one seen.  A
+stream refused at creation (unknown method, ill-formed name, unknown
+revision, shutting down) still counts as used: it gets one ``close_stream``
+and the frames that follow it are ignored like any late frame.
+
+Every accepted stream ends with exactly one ``close_stream``.  If the
+application never sent response headers, empty ones go first, as the
+reference does; only refused streams get a ``close_stream`` alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from google.rpc.status_pb2 import Status as StatusProto
+from grpclib.const import Cardinality, Status
+from grpclib.metadata import decode_timeout
+
+from .._pb.tunnel_pb2 import (
+    REVISION_ONE,
+    REVISION_ZERO,
+    ClientToServer,
+    CloseStream,
+    MessageData,
+    Metadata,
+    NewStream,
+    ServerToClient,
+    Settings,
+)
+from ..errors import LocalProtocolError, RemoteProtocolError
+from .connection import Connection, StreamState
+from .events import DataReceived, Event, HalfClosed, StreamOpened, StreamReset
+from .flow import INITIAL_WINDOW_SIZE, InboundMessages, StreamFault
+from .metadata import MetadataError, decode_metadata, encode_metadata
+
+__all__ = ["TunnelServerProtocol", "parse_method_name"]
+
+
+def parse_method_name(name: str) -> str | None:
+    """``/pkg.Service/Method`` (leading slash optional) in canonical form.
+
+    Returns None for an ill-formed name.
+    """
+    parts = name[1:].split("/") if name.startswith("/") else name.split("/")
+    if len(parts) != 2 or not all(parts):
+        return None
+    return f"/{parts[0]}/{parts[1]}"
+
+
+class TunnelServerProtocol(Connection[ServerToClient]):
+    """Sans-IO tunnel server: accept streams, read requests, send responses.
+
+    ``methods`` maps the full method names served here to their cardinality.
+    ``peer_negotiates`` says whether the tunnel client's side of the carrying
+    call sent ``grpctunnel-negotiate: on``; then a ``Settings`` frame is the
+    first frame queued.
+    """
+
+    def __init__(
+        self,
+        methods: Mapping[str, Cardinality],
+        *,
+        peer_negotiates: bool,
+        disable_flow_control: bool = False,
+        max_receive_message_length: int = 4 * 1024 * 1024,
+        max_metadata_size: int = 64 * 1024,
+    ) -> None:
+        super().__init__(
+            max_receive_message_length=max_receive_message_length,
+            max_metadata_size=max_metadata_size,
+        )
+        self._methods = methods
+        self._supported = (
+            (REVISION_ZERO,) if disable_flow_control else (REVISION_ZERO, REVISION_ONE)
+        )
+        self.shutting_down = False
+        if peer_negotiates:
+            settings = Settings(
+                supported_protocol_revisions=self._supported,
+                initial_window_size=INITIAL_WINDOW_SIZE,
+            )
+            self._control.append(ServerToClient(stream_id=-1, settings=settings))
+
+    # -- frame constructors ---------------------------------------------
+
+    def _first_chunk(self, stream_id: int, size: int, data: bytes) -> ServerToClient:
+        return ServerToClient(
+            stream_id=stream_id, response_message=MessageData(size=size, data=data)
+        )
+
+    def _more_data(self, stream_id: int, data: bytes) -> ServerToClient:
+        return ServerToClient(stream_id=stream_id, more_response_data=data)
+
+    def _window_update(self, stream_id: int, n: int) -> ServerToClient:
+        return ServerToClient(stream_id=stream_id, window_update=n)
+
+    # -- the application's side ----------------------------------------
+
+    def initiate_shutdown(self) -> None:
+        """Refuse new streams with UNAVAILABLE; running ones go on."""
+        self.shutting_down = True
+
+    def send_headers(self, stream_id: int, metadata: Iterable[tuple[str, str | bytes]]) -> None:
+        """Queue the response headers.
+
+        Raises ``MetadataError`` (nothing is queued) for metadata that cannot
+        travel, and ``LocalProtocolError`` if headers were already sent.
+        """
+        st = self._active(stream_id)
+        if st.headers_done:
+            raise LocalProtocolError("response headers were already sent")
+        frame = ServerToClient(stream_id=stream_id)
+        frame.response_headers.SetInParent()
+        encode_metadata(metadata, frame.response_headers, limit=self.max_metadata_size)
+        st.headers_done = True
+        self._queue(st, frame)
+
+    def send_message(self, stream_id: int, data: bytes) -> None:
+        """Queue one serialized response message (headers go first)."""
+        st = self._active(stream_id)
+        if not st.cardinality.value.server_streaming and st.sent_messages:
+            raise LocalProtocolError("a unary response stream takes exactly one message")
+        if not st.headers_done:
+            self.send_headers(stream_id, ())
+        st.sent_messages += 1
+        self._queue_message(st, data)
+
+    def close_stream(
+        self,
+        stream_id: int,
+        status: StatusProto | None,
+        trailers: Iterable[tuple[str, str | bytes]] = (),
+    ) -> None:
+        """Queue the final frame of a stream; None is status OK.
+
+        Raises ``MetadataError`` (nothing is queued, the stream stays open)
+        for trailers that cannot travel; the caller then closes the stream
+        again with an error status and no trailers.
+        """
+        st = self._active(stream_id)
+        close = CloseStream()
+        close.response_trailers.SetInParent()
+        encode_metadata(trailers, close.response_trailers, limit=self.max_metadata_size)
+        if status is not None and status.code:
+            close.status.CopyFrom(status)
+        if not st.headers_done:
+            self.send_headers(stream_id, ())
+        self._queue(st, ServerToClient(stream_id=stream_id, close_stream=close))
+        self._finish(st, drop_pending=False)
+
+    # -- the peer's side -------------------------------------------------
+
+    def receive_frame(self, frame: ClientToServer) -> list[Event]:
+        """Process one frame from the tunnel client.
+
+        Raises ``RemoteProtocolError`` if the frame means the tunnel cannot go
+        on; faults of one stream close that stream and return a
+        ``StreamReset``.
+        """
+        kind = frame.WhichOneof("frame")
+        stream_id = frame.stream_id
+        if kind == "new_stream":
+            if stream_id <= self._last_id:
+                raise RemoteProtocolError(
+                    f"tunnel client opened stream {stream_id}, which is not above "
+                    f"the last stream id {self._last_id}"
+                )
+            self._last_id = stream_id
+            return self._open(stream_id, frame.new_stream)
+        if kind == "window_update":
+            return self._window_update_received(stream_id, frame.window_update)
+        st = self._protocol_stream(stream_id)
+        if st is None:
+            if 0 < stream_id <= self._last_id:
+                return []  # late frame for a finished or refused stream
+            raise RemoteProtocolError(
+                f"tunnel client sent a {kind or 'empty'} frame for stream {stream_id}, "
+                "which was never opened"
+            )
+        try:
+            return self._dispatch(st, frame, kind)
+        except StreamFault as fault:
+            return [self._reset(st, fault.status, fault.message)]
+
+    def _open(self, stream_id: int, new_stream: NewStream) -> list[Event]:
+        name = new_stream.method_name
+        method = parse_method_name(name)
+        cardinality = self._methods.get(method) if method is not None else None
+        try:
+            if self.shutting_down:
+                raise StreamFault(Status.UNAVAILABLE, "server is shutting down")
+            if new_stream.protocol_revision not in self._supported:
+                raise StreamFault(
+                    Status.UNAVAILABLE,
+                    f"unsupported protocol revision {new_stream.protocol_revision}",
+                )
+            if method is None:
+                shown = name.lstrip("/") or repr(name)
+                raise StreamFault(
+                    Status.INVALID_ARGUMENT, f"{shown} is not a well-formed method name"
+                )
+            if cardinality is None:
+                raise StreamFault(Status.UNIMPLEMENTED, f"{method[1:]} not implemented")
+            metadata, timeout = self._request_headers(new_stream.request_headers)
+        except StreamFault as fault:
+            refusal = ServerToClient(stream_id=stream_id)
+            refusal.close_stream.status.code = fault.status.value
+            refusal.close_stream.status.message = fault.message
+            self._control.append(refusal)
+            return []
+        flow = new_stream.protocol_revision == REVISION_ONE
+        st = StreamState(
+            stream_id,
+            cardinality,
+            send_window=new_stream.initial_window_size if flow else None,
+            inbound=InboundMessages(
+                limit=self.max_receive_message_length,
+                window=INITIAL_WINDOW_SIZE if flow else None,
+            ),
+        )
+        self._streams[stream_id] = st
+        return [StreamOpened(stream_id, method, metadata, timeout, cardinality)]
+
+    def _request_headers(
+        self, headers: Metadata
+    ) -> tuple[tuple[tuple[str, str | bytes], ...], float | None]:
+        try:
+            metadata = decode_metadata(headers, limit=self.max_metadata_size)
+        except MetadataError as exc:
+            raise StreamFault(Status.INVALID_ARGUMENT, f"bad request headers: {exc}") from None
+        timeout: float | None = None
+        timeouts = headers.md.get("grpc-timeout")
+        if timeouts is not None:
+            try:
+                # Several values: the earliest deadline wins, as in grpclib.
+                timeout = min(decode_timeout(value) for value in timeouts.val)
+            except ValueError:
+                raise StreamFault(
+                    Status.INVALID_ARGUMENT, f"invalid grpc-timeout header {list(timeouts.val)}"
+                ) from None
+        return metadata, timeout
+
+    def _dispatch(self, st: StreamState, frame: ClientToServer, kind: str | None) -> list[Event]:
+        if kind == "request_message":
+            self._expect_data(st)
+            if st.inbound.messages_started and not st.cardinality.value.client_streaming:
+                raise StreamFault(
+                    Status.INVALID_ARGUMENT, "more than one request message for a unary-request method"
+                )
+            envelope = frame.request_message
+            complete = st.inbound.envelope(envelope.size, envelope.data)
+            return [DataReceived(st.id, envelope.data, complete)]
+        if kind == "more_request_data":
+            self._expect_data(st)
+            complete = st.inbound.more(frame.more_request_data)
+            return [DataReceived(st.id, frame.more_request_data, complete)]
+        if kind == "half_close":
+            self._expect_data(st)
+            if st.inbound.in_message:
+                raise StreamFault(Status.INTERNAL, "half-close in the middle of a message")
+            if not st.inbound.messages_started and not st.cardinality.value.client_streaming:
+                raise StreamFault(
+                    Status.INVALID_ARGUMENT, "no request message for a unary-request method"
+                )
+            st.receiving = False
+            return [HalfClosed(st.id)]
+        if kind == "cancel":
+            return [self._reset(st, Status.CANCELLED, "stream cancelled by the tunnel client")]
+        raise StreamFault(Status.INTERNAL, "tunnel client sent a frame with no content")
+
+    @staticmethod
+    def _expect_data(st: StreamState) -> None:
+        if not st.receiving:
+            raise StreamFault(Status.INTERNAL, "tunnel client sent on a half-closed stream")
+
+    def _reset(self, st: StreamState, status: Status, message: str) -> StreamReset:
+        """End a stream now: unsent responses are dropped, the status goes out."""
+        st.pending.clear()
+        close = ServerToClient(stream_id=st.id)
+        close.close_stream.response_trailers.SetInParent()
+        close.close_stream.status.code = status.value
+        close.close_stream.status.message = message
+        st.pending.append(close)
+        self._schedule(st)
+        self._finish(st, drop_pending=False)
+        return StreamReset(st.id, status.value, message)
