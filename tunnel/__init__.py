@@ -1,0 +1,40 @@
+"""gRPC carried over gRPC: the grpctunnel.v1 protocol on grpclib.
+
+One gRPC stream, a *tunnel*, carries many other calls.
+
+* A **forward** tunnel (``open_tunnel``) is opened by a network client; the
+  ``TunnelChannel`` it returns is a ``grpclib.client.Channel`` whose calls all
+  reach the one backend the tunnel reached, through any load balancer.
+* The network server serves tunnels with a ``TunnelServiceHandler`` placed in
+  its ``grpclib.server.Server``; it runs the same handler objects a Server
+  takes, so tunneled calls run the application's existing service code.
+
+The wire protocol is byte-compatible with the reference implementation
+(github.com/jhump/grpctunnel) and every other peer of it.
+"""
+
+from ._server_tunnel import TunnelInfo, current_tunnel
+from .channel import TunnelChannel, open_tunnel
+from .errors import (
+    LocalProtocolError,
+    NegotiationError,
+    RemoteProtocolError,
+    TunnelClosedError,
+    TunnelError,
+)
+from .handler import TunnelServiceHandler
+from .options import TunnelOptions
+
+__all__ = [
+    "LocalProtocolError",
+    "NegotiationError",
+    "RemoteProtocolError",
+    "TunnelChannel",
+    "TunnelClosedError",
+    "TunnelError",
+    "TunnelInfo",
+    "TunnelOptions",
+    "TunnelServiceHandler",
+    "current_tunnel",
+    "open_tunnel",
+]

@@ -1,0 +1,384 @@
+"""A tunneled call, with the API and behaviour of grpclib's client Stream.
+
+Stubs of every flavour (grpclib, betterproto, betterproto2) only ever call
+``channel.request(...)`` and then use the stream this module defines, so a
+call over a tunnel runs the caller's code unchanged.  The rules mirror
+grpclib's own ``Stream`` (same ``ProtocolError`` checks, events, deadline
+handling through ``grpclib.utils.Wrapper``, ``async with`` exit rules), with
+two deliberate differences that make tunnels safer than a bare connection:
+
+* leaving ``async with`` normally while unread messages keep arriving never
+  hangs: once the caller asks for the trailers, unread data is discarded and
+  its window is given back, so the server can always finish;
+* a call that ends because its tunnel went away fails with a ``GRPCError``
+  (CANCELLED or UNAVAILABLE), never with a bare transport exception.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from contextlib import AbstractContextManager
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+import grpclib.client
+from google.rpc.status_pb2 import Status as StatusProto
+from grpclib.const import Cardinality, Status
+from grpclib.encoding.base import CodecBase, StatusDetailsCodecBase
+from grpclib.events import _DispatchChannelEvents
+from grpclib.exceptions import GRPCError, ProtocolError
+from grpclib.metadata import Deadline, encode_metadata
+from grpclib.utils import DeadlineWrapper, Wrapper
+from multidict import MultiDict
+
+from ._core.metadata import MetadataError, MetadataPairs
+from .errors import TunnelClosedError
+
+if TYPE_CHECKING:
+    from ._client_tunnel import ClientTunnel
+
+__all__ = ["TunnelClientStream", "status_error"]
+
+_SendType = TypeVar("_SendType")
+_RecvType = TypeVar("_RecvType")
+
+
+def status_error(
+    status: StatusProto, details_codec: StatusDetailsCodecBase | None
+) -> GRPCError:
+    """The ``GRPCError`` a caller sees for a non-OK ``google.rpc.Status``."""
+    try:
+        code = Status(status.code)
+    except ValueError:
+        code = Status.UNKNOWN
+    message = status.message or None
+    details = None
+    if status.details and details_codec is not None:
+        details = details_codec.decode(code, message, status.SerializeToString())
+    return GRPCError(code, message, details)
+
+
+class TunnelClientStream(grpclib.client.Stream[_SendType, _RecvType], Generic[_SendType, _RecvType]):
+    """One call on a tunnel; see grpclib's ``Stream`` for the API."""
+
+    # grpclib.client.Stream.__init__ is deliberately not called: it expects
+    # an HTTP/2 connection, which a tunneled call does not have.
+    def __init__(  # noqa: PLR0913
+        self,
+        tunnel: ClientTunnel,
+        name: str,
+        metadata: MultiDict[Any],
+        cardinality: Cardinality,
+        send_type: type[_SendType],
+        recv_type: type[_RecvType],
+        *,
+        codec: CodecBase,
+        status_details_codec: StatusDetailsCodecBase | None,
+        dispatch: _DispatchChannelEvents,
+        deadline: Deadline | None = None,
+    ) -> None:
+        self._tunnel = tunnel
+        self._name = name
+        self._metadata = metadata
+        self._cardinality = cardinality
+        self._send_type = send_type
+        self._recv_type = recv_type
+        self._codec = codec
+        self._status_details_codec = status_details_codec
+        self._dispatch = dispatch
+        self._deadline = deadline
+        self._wrapper: Wrapper = Wrapper()
+        self._wrapper_ctx: AbstractContextManager[Any] | None = None
+        self.initial_metadata: MultiDict[Any] | None = None
+        self.trailing_metadata: MultiDict[Any] | None = None
+        self.peer = tunnel.carrier.peer  # type: ignore[assignment]
+
+        self._send_request_done = False
+        self._send_message_done = False
+        self._end_done = False
+        self._recv_initial_metadata_done = False
+        self._recv_trailing_metadata_done = False
+        self._cancel_done = False
+        self._trailers_only = False
+
+        self._stream_id = 0
+        self._headers: MetadataPairs | None = None
+        self._chunks: deque[tuple[bytes, bool]] = deque()
+        self._partial: list[bytes] = []
+        self._discard = False
+        #: Set once the stream is over: (status or None for OK, trailers).
+        self._end: tuple[StatusProto | None, MetadataPairs] | None = None
+        self._abrupt = False
+        self._changed = asyncio.Event()
+
+    # -- events from the tunnel --------------------------------------------
+
+    def _on_headers(self, metadata: MetadataPairs) -> None:
+        self._headers = metadata
+        self._changed.set()
+
+    def _on_data(self, data: bytes, end_of_message: bool) -> None:
+        if self._discard:
+            self._tunnel.acknowledge(self._stream_id, len(data))
+            return
+        self._chunks.append((data, end_of_message))
+        self._changed.set()
+
+    def _on_end(self, status: StatusProto | None, trailers: MetadataPairs, *, abrupt: bool) -> None:
+        if self._end is not None:
+            return
+        self._end = (status, trailers)
+        self._abrupt = abrupt
+        if abrupt:
+            self._chunks.clear()
+            self._partial.clear()
+        self._changed.set()
+
+    async def _wait_change(self) -> None:
+        self._changed.clear()
+        await self._changed.wait()
+
+    def _raise_if_abrupt(self) -> None:
+        if self._abrupt and self._end is not None and self._end[0] is not None:
+            raise status_error(self._end[0], self._status_details_codec)
+
+    # -- sending -------------------------------------------------------------
+
+    async def send_request(self, *, end: bool = False) -> None:
+        if self._send_request_done:
+            raise ProtocolError("Request is already sent")
+        if end and not self._cardinality.value.client_streaming:
+            raise ProtocolError(
+                "Unary request requires a message to be sent before ending outgoing stream"
+            )
+        with self._wrapper:
+            metadata = self._metadata
+            (metadata,) = await self._dispatch.send_request(
+                metadata,
+                method_name=self._name,
+                deadline=self._deadline,
+                content_type=self._codec_content_type(),
+            )
+            if metadata:
+                encode_metadata(metadata)  # grpclib's own validation of keys and values
+            timeout = None if self._deadline is None else self._deadline.time_remaining()
+            try:
+                self._stream_id = self._tunnel.open_stream(
+                    self,  # type: ignore[arg-type]
+                    self._name,
+                    list(metadata.items()),
+                    self._cardinality,
+                    timeout,
+                )
+            except TunnelClosedError as exc:
+                raise GRPCError(Status.UNAVAILABLE, str(exc)) from None
+            except MetadataError as exc:
+                raise ValueError(str(exc)) from None
+            self._send_request_done = True
+            if end:
+                self._tunnel.core.half_close(self._stream_id)
+                self._end_done = True
+
+    def _codec_content_type(self) -> str:
+        subtype = self._codec.__content_subtype__
+        return f"application/grpc+{subtype}" if subtype else "application/grpc"
+
+    async def send_message(self, message: _SendType, *, end: bool = False) -> None:
+        if not self._send_request_done:
+            await self.send_request()
+        end_stream = end
+        if not self._cardinality.value.client_streaming:
+            if self._send_message_done:
+                raise ProtocolError("Message was already sent")
+            end_stream = True
+        if self._end_done:
+            raise ProtocolError("Stream is ended")
+        with self._wrapper:
+            (message,) = await self._dispatch.send_message(message)
+            data = self._codec.encode(message, self._send_type)
+            self._send_message_done = True
+            if end_stream:
+                self._end_done = True
+            if self._end is not None:
+                # The server already ended the call: grpclib drops the
+                # message if it ended well and raises its error otherwise.
+                status = self._end[0]
+                if status is not None:
+                    raise status_error(status, self._status_details_codec)
+                return
+            tunnel = self._tunnel
+            tunnel.core.send_message(self._stream_id, data)
+            if end_stream:
+                tunnel.core.half_close(self._stream_id)
+            tunnel.driver.wake()
+            await tunnel.driver.flushed(self._stream_id)
+
+    async def end(self) -> None:
+        if not self._send_request_done:
+            raise ProtocolError("Request was not sent")
+        if self._end_done:
+            raise ProtocolError("Stream was already ended")
+        if not self._cardinality.value.client_streaming:
+            if not self._send_message_done:
+                raise ProtocolError("Unary request requires a single message to be sent")
+            self._end_done = True
+            return
+        self._end_done = True
+        if self._end is None and self._tunnel.core.is_open(self._stream_id):
+            self._tunnel.core.half_close(self._stream_id)
+            self._tunnel.driver.wake()
+
+    # -- receiving -------------------------------------------------------------
+
+    async def recv_initial_metadata(self) -> None:
+        if not self._send_request_done:
+            raise ProtocolError("Request was not sent yet")
+        if self._recv_initial_metadata_done:
+            raise ProtocolError("Initial metadata was already received")
+        with self._wrapper:
+            while self._headers is None and self._end is None:
+                await self._wait_change()
+            self._raise_if_abrupt()
+            if self._headers is not None:
+                (metadata,) = await self._dispatch.recv_initial_metadata(MultiDict(self._headers))
+                self.initial_metadata = metadata
+                self._recv_initial_metadata_done = True
+                return
+            # Trailers only: the stream ended without headers.
+            self._trailers_only = True
+            (metadata,) = await self._dispatch.recv_initial_metadata(MultiDict())
+            self.initial_metadata = metadata
+            self._recv_initial_metadata_done = True
+            await self._finish_trailers()
+
+    async def recv_message(self) -> _RecvType | None:
+        if not self._recv_initial_metadata_done:
+            await self.recv_initial_metadata()
+        with self._wrapper:
+            data = await self._read_message()
+            if data is None:
+                return None
+            message = self._codec.decode(data, self._recv_type)
+            (message,) = await self._dispatch.recv_message(message)
+            return message  # type: ignore[no-any-return]
+
+    async def _read_message(self) -> bytes | None:
+        partial = self._partial
+        tunnel = self._tunnel
+        while True:
+            chunks = self._chunks
+            while chunks:
+                data, last = chunks.popleft()
+                tunnel.acknowledge(self._stream_id, len(data))
+                if last:
+                    if partial:
+                        partial.append(data)
+                        data = b"".join(partial)
+                        partial.clear()
+                    return data
+                partial.append(data)
+            if self._end is not None:
+                self._raise_if_abrupt()
+                return None
+            await self._wait_change()
+
+    async def recv_trailing_metadata(self) -> None:
+        if not self._end_done and not (
+            not self._cardinality.value.client_streaming and self._send_message_done
+        ):
+            raise ProtocolError("Outgoing stream was not ended")
+        if not self._recv_initial_metadata_done:
+            raise ProtocolError(
+                "Initial metadata was not received before waiting for trailing metadata"
+            )
+        if self._recv_trailing_metadata_done:
+            raise ProtocolError("Trailing metadata was already received")
+        if self._trailers_only:
+            self._recv_trailing_metadata_done = True
+            return
+        with self._wrapper:
+            # Nobody will read what is still unread: give its window back so
+            # the server is never stuck behind it (grpclib would hang here).
+            self._discard = True
+            self._drop_unread()
+            while self._end is None:
+                await self._wait_change()
+                self._drop_unread()
+            await self._finish_trailers()
+
+    def _drop_unread(self) -> None:
+        while self._chunks:
+            data, _ = self._chunks.popleft()
+            self._tunnel.acknowledge(self._stream_id, len(data))
+        self._partial.clear()
+
+    async def _finish_trailers(self) -> None:
+        assert self._end is not None
+        status, trailers = self._end
+        self._recv_trailing_metadata_done = True
+        code = Status.OK
+        message = None
+        details = None
+        error = None
+        if status is not None:
+            error = status_error(status, self._status_details_codec)
+            code, message, details = error.status, error.message, error.details
+        (metadata,) = await self._dispatch.recv_trailing_metadata(
+            MultiDict(trailers), status=code, status_message=message, status_details=details
+        )
+        self.trailing_metadata = metadata
+        if error is not None:
+            raise error
+
+    async def cancel(self) -> None:
+        if not self._send_request_done:
+            raise ProtocolError("Request was not sent yet")
+        if self._cancel_done:
+            raise ProtocolError("Stream was already cancelled")
+        self._cancel_done = True
+        self._tunnel.forget(self._stream_id)
+        self._on_end(
+            StatusProto(code=Status.CANCELLED.value, message="call cancelled"), (), abrupt=True
+        )
+
+    # -- async with --------------------------------------------------------------
+
+    async def __aenter__(self) -> TunnelClientStream[_SendType, _RecvType]:
+        if self._deadline is None:
+            self._wrapper = Wrapper()
+        else:
+            wrapper = DeadlineWrapper()
+            self._wrapper = wrapper
+            self._wrapper_ctx = wrapper.start(self._deadline)
+            self._wrapper_ctx.__enter__()
+        return self
+
+    async def _maybe_finish(self) -> None:
+        if not self._cancel_done:
+            if not self._recv_initial_metadata_done:
+                await self.recv_initial_metadata()
+            if not self._recv_trailing_metadata_done:
+                await self.recv_trailing_metadata()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_val: BaseException | None,
+        exc_tb: TracebackType | None,
+    ) -> None:
+        if not self._send_request_done:
+            if self._wrapper_ctx is not None:
+                self._wrapper_ctx.__exit__(exc_type, exc_val, exc_tb)
+            return
+        try:
+            if exc_val is None:
+                try:
+                    await self._maybe_finish()
+                except BaseException as exc:
+                    exc_type, exc_val, exc_tb = type(exc), exc, exc.__traceback__
+                    raise
+        finally:
+            self._tunnel.forget(self._stream_id)
+            if self._wrapper_ctx is not None:
+                self._wrapper_ctx.__exit__(exc_type, exc_val, exc_tb)

@@ -1,0 +1,124 @@
+"""The asyncio driver of one tunnel: it moves frames, nothing else.
+
+One task reads frames from the carrying gRPC stream and feeds them to the
+protocol core; one task writes what the core has queued.  The writer pulls
+one frame at a time, only when the carrying stream has taken the previous
+one, so the core's round-robin across streams decides who goes next, and a
+stream's ``send_message`` can wait until its message is on the wire
+(back-pressure: a stream never has more than one message queued).
+
+The driver knows nothing of calls or handlers: subclasses turn the core's
+events into those, and decide what the end of the carrying stream means.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Generic, TypeVar
+
+from google.protobuf.message import Message
+
+from ._core.connection import Connection
+from ._core.events import Event
+
+__all__ = ["Driver"]
+
+log = logging.getLogger("tunnel")
+
+InFrame = TypeVar("InFrame", bound=Message)
+OutFrame = TypeVar("OutFrame", bound=Message)
+
+
+class Driver(Generic[InFrame, OutFrame]):
+    """Reader and writer tasks around one protocol core."""
+
+    def __init__(
+        self,
+        core: Connection[OutFrame],
+        receive: Callable[[InFrame], list[Event]],
+        send: Callable[[OutFrame], Awaitable[None]],
+        recv: Callable[[], Awaitable[InFrame | None]],
+    ) -> None:
+        self.core = core
+        self._receive = receive
+        self._send = send
+        self._recv = recv
+        self._wakeup = asyncio.Event()
+        #: Streams waiting for their queued message to be written.
+        self._flush_waiters: dict[int, asyncio.Future[None]] = {}
+        self._writer_idle = asyncio.Event()
+        self._writer_idle.set()
+
+    # -- writing ---------------------------------------------------------
+
+    def wake(self) -> None:
+        """Tell the writer the core may have frames to send."""
+        self._wakeup.set()
+
+    async def flushed(self, stream_id: int) -> None:
+        """Wait until the message data queued on a stream is written."""
+        if not self.core.buffered_message_bytes(stream_id):
+            return
+        fut = self._flush_waiters.get(stream_id)
+        if fut is None:
+            fut = asyncio.get_running_loop().create_future()
+            self._flush_waiters[stream_id] = fut
+        self.wake()
+        await asyncio.shield(fut)
+
+    def release_waiters(self, stream_id: int | None = None) -> None:
+        """Wake senders of one stream (or all) whose data will never go out."""
+        ids = list(self._flush_waiters) if stream_id is None else [stream_id]
+        for sid in ids:
+            fut = self._flush_waiters.pop(sid, None)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+
+    async def write_loop(self) -> None:
+        """Write frames as the core produces them, until cancelled."""
+        core = self.core
+        waiters = self._flush_waiters
+        while True:
+            frame = core.next_frame()
+            if frame is None:
+                self._writer_idle.set()
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            self._writer_idle.clear()
+            await self._send(frame)
+            if waiters:
+                sid: int = frame.stream_id  # type: ignore[attr-defined]
+                fut = waiters.get(sid)
+                if fut is not None and not core.buffered_message_bytes(sid):
+                    del waiters[sid]
+                    if not fut.done():
+                        fut.set_result(None)
+
+    async def drain(self) -> None:
+        """Wait until the writer has written everything the core queued."""
+        while self.core.has_frames() or not self._writer_idle.is_set():
+            self._writer_idle.clear()
+            self.wake()
+            await self._writer_idle.wait()
+
+    # -- reading ---------------------------------------------------------
+
+    async def read_loop(self, on_events: Callable[[list[Event]], None]) -> None:
+        """Feed frames to the core until the carrying stream ends.
+
+        ``RemoteProtocolError`` from the core propagates: the tunnel is over.
+        """
+        receive = self._receive
+        core = self.core
+        while True:
+            frame = await self._recv()
+            if frame is None:
+                return
+            events = receive(frame)
+            if events:
+                on_events(events)
+            if core.has_frames():
+                self._wakeup.set()

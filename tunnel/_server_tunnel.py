@@ -1,0 +1,314 @@
+"""The asyncio side of a tunnel server: one task per tunneled call.
+
+A ``ServerTunnel`` owns a ``Driver`` around a ``TunnelServerProtocol`` and
+runs each stream the client opens as a task that calls the registered
+handler with a ``TunnelServerStream``, exactly as ``grpclib.server`` would.
+Handler tasks are created from the task serving the carrying call, so they
+see the context variables its event listeners set (an authenticated
+identity, say) and ``current_tunnel()``.
+
+Every stream ends with a ``close_stream``, whatever the handler does:
+returns, raises, overruns its deadline, gets cancelled by the client or by
+the end of the tunnel (grpclib itself leaves the client hanging in several
+of these cases; see GRPCLIB-NOTES).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from google.rpc.status_pb2 import Status as StatusProto
+from grpclib.const import Handler, Status
+from grpclib.encoding.base import CodecBase, StatusDetailsCodecBase
+from grpclib.events import _DispatchServerEvents
+from grpclib.exceptions import GRPCError
+from grpclib.metadata import Deadline
+from grpclib.protocol import Peer
+from grpclib.utils import DeadlineWrapper, Wrapper
+from multidict import MultiDict
+
+from ._core.events import DataReceived, Event, HalfClosed, StreamOpened, StreamReset
+from ._core.metadata import MetadataError
+from ._core.server import TunnelServerProtocol
+from ._driver import Driver
+from ._pb.tunnel_pb2 import ClientToServer, ServerToClient
+from ._server_stream import TunnelServerStream
+from .options import TunnelOptions
+
+__all__ = ["ServerCarrier", "ServerTunnel", "TunnelInfo", "current_tunnel"]
+
+log = logging.getLogger("tunnel")
+
+
+@dataclass(frozen=True, slots=True)
+class TunnelInfo:
+    """What a tunneled handler may want to know about its tunnel."""
+
+    #: The request metadata of the call that opened the tunnel.
+    metadata: MultiDict[Any]
+    #: The response headers of that call (the network server's side).
+    response_metadata: MultiDict[Any]
+    #: The peer of the connection that carries the tunnel.
+    peer: Peer | None
+    #: "forward" or "reverse".
+    kind: str
+
+
+_current: contextvars.ContextVar[TunnelInfo | None] = contextvars.ContextVar(
+    "tunnel_current", default=None
+)
+
+
+def current_tunnel() -> TunnelInfo | None:
+    """The tunnel the running handler was called through, or None.
+
+    Works in any handler, including betterproto ones that never see their
+    stream.
+    """
+    return _current.get()
+
+
+class ServerCarrier(Protocol):
+    """The carrying gRPC stream, as seen by the tunnel server."""
+
+    async def send(self, frame: ServerToClient) -> None: ...
+
+    async def recv(self) -> ClientToServer | None: ...
+
+
+class ServerTunnel:
+    """Serves the streams of one tunnel until its carrying call ends."""
+
+    def __init__(  # noqa: PLR0913
+        self,
+        carrier: ServerCarrier,
+        mapping: Mapping[str, Handler],
+        *,
+        info: TunnelInfo,
+        dispatch: _DispatchServerEvents,
+        codec: CodecBase,
+        status_details_codec: StatusDetailsCodecBase | None,
+        options: TunnelOptions,
+        peer_negotiates: bool,
+        user_agent: str | None,
+    ) -> None:
+        self._mapping = mapping
+        self._info = info
+        self._dispatch = dispatch
+        self._codec = codec
+        self._status_details_codec = status_details_codec
+        self._options = options
+        self._user_agent = user_agent
+        self.core = TunnelServerProtocol(
+            {name: handler.cardinality for name, handler in mapping.items()},
+            peer_negotiates=peer_negotiates,
+            disable_flow_control=options.disable_flow_control,
+            max_receive_message_length=options.max_receive_message_length,
+            max_metadata_size=options.max_metadata_size,
+        )
+        self.driver: Driver[ClientToServer, ServerToClient] = Driver(
+            self.core, self.core.receive_frame, carrier.send, carrier.recv
+        )
+        self._streams: dict[int, TunnelServerStream[Any, Any]] = {}
+        self._tasks: dict[int, asyncio.Task[None]] = {}
+
+    def initiate_shutdown(self) -> None:
+        """Refuse new streams with UNAVAILABLE; running ones go on."""
+        self.core.initiate_shutdown()
+
+    @property
+    def active_streams(self) -> int:
+        return len(self._tasks)
+
+    async def serve(self) -> None:
+        """Run until the tunnel client ends the carrying call.
+
+        Raises ``RemoteProtocolError`` if the client broke the protocol.
+        """
+        _current.set(self._info)
+        writer = asyncio.create_task(self._write(), name="tunnel-server-writer")
+        clean = False
+        try:
+            await self.driver.read_loop(self._on_events)
+            clean = True
+        finally:
+            await self._cancel_handlers()
+            if clean:
+                # Let the final close_stream frames out before the carrying
+                # call ends; the client may still be reading.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._options.close_timeout):
+                        await self.driver.drain()
+            writer.cancel()
+            with contextlib.suppress(BaseException):
+                await writer
+
+    async def _write(self) -> None:
+        try:
+            await self.driver.write_loop()
+        except Exception:
+            log.debug("tunnel server could not write", exc_info=True)
+
+    async def _cancel_handlers(self) -> None:
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- events ------------------------------------------------------------
+
+    def _on_events(self, events: list[Event]) -> None:
+        streams = self._streams
+        for event in events:
+            if isinstance(event, DataReceived):
+                stream = streams.get(event.stream_id)
+                if stream is not None:
+                    stream._on_data(event.data, event.end_of_message)
+            elif isinstance(event, StreamOpened):
+                self._start(event)
+            elif isinstance(event, HalfClosed):
+                stream = streams.get(event.stream_id)
+                if stream is not None:
+                    stream._on_half_close()
+            elif isinstance(event, StreamReset):
+                self.driver.release_waiters(event.stream_id)
+                stream = streams.get(event.stream_id)
+                if stream is not None:
+                    stream._on_reset()
+                task = self._tasks.get(event.stream_id)
+                if task is not None:
+                    task.cancel()
+
+    def _start(self, event: StreamOpened) -> None:
+        handler = self._mapping[event.method]
+        deadline = None if event.timeout is None else Deadline.from_timeout(event.timeout)
+        stream: TunnelServerStream[Any, Any] = TunnelServerStream(
+            self,
+            event.stream_id,
+            event.method,
+            handler.cardinality,
+            handler.request_type,
+            handler.reply_type,
+            codec=self._codec,
+            status_details_codec=self._status_details_codec,
+            dispatch=self._dispatch,
+            deadline=deadline,
+            metadata=MultiDict(event.metadata),
+            user_agent=self._user_agent,
+            peer=self._info.peer,
+        )
+        # Registered before any await: frames that follow in the same read
+        # must find the stream.
+        self._streams[event.stream_id] = stream
+        self._tasks[event.stream_id] = asyncio.create_task(
+            self._run_handler(stream, handler), name=f"tunnel-handler-{event.method}"
+        )
+
+    # -- the calls' side ---------------------------------------------------------
+
+    def acknowledge(self, stream_id: int, n: int) -> None:
+        self.core.acknowledge(stream_id, n)
+        if self.core.has_frames():
+            self.driver.wake()
+
+    def send_headers(self, stream_id: int, metadata: list[tuple[str, str | bytes]]) -> None:
+        if self.core.is_open(stream_id):
+            self.core.send_headers(stream_id, metadata)
+            self.driver.wake()
+
+    async def send_message(self, stream_id: int, data: bytes) -> None:
+        self.core.send_message(stream_id, data)
+        self.driver.wake()
+        await self.driver.flushed(stream_id)
+
+    def close_stream(
+        self,
+        stream_id: int,
+        status: StatusProto | None,
+        trailers: list[tuple[str, str | bytes]],
+    ) -> None:
+        if self.core.is_open(stream_id):
+            self.core.close_stream(stream_id, status, trailers)
+            self.driver.wake()
+
+    # -- running one handler -------------------------------------------------------
+
+    async def _run_handler(self, stream: TunnelServerStream[Any, Any], handler: Handler) -> None:
+        stream_id = stream._stream_id
+        try:
+            await self._call_handler(stream, handler)
+        except asyncio.CancelledError:
+            # Reset by the client (the core already sent the status) or the
+            # tunnel is ending: then the client is told the call was cancelled.
+            self._fail(stream, Status.CANCELLED, "tunnel closed")
+        except GRPCError as exc:
+            self._fail(stream, exc.status, exc.message, exc.details)
+        except MetadataError as exc:
+            self._fail(stream, Status.INTERNAL, str(exc))
+        except Exception:
+            log.exception("Application error in tunneled call %s", stream._method_name)
+            self._fail(stream, Status.UNKNOWN, "Internal Server Error")
+        finally:
+            if self.core.is_open(stream_id):  # defensive: never leave a stream open
+                self._fail(stream, Status.INTERNAL, "handler ended without a status")
+            self._streams.pop(stream_id, None)
+            self._tasks.pop(stream_id, None)
+            self.driver.release_waiters(stream_id)
+
+    async def _call_handler(self, stream: TunnelServerStream[Any, Any], handler: Handler) -> None:
+        wrapper: Wrapper
+        deadline_ctx: contextlib.AbstractContextManager[Any]
+        if stream.deadline is None:
+            wrapper = Wrapper()
+            deadline_ctx = contextlib.nullcontext()
+        else:
+            wrapper = DeadlineWrapper()
+            deadline_ctx = wrapper.start(stream.deadline)  # type: ignore[attr-defined]
+        try:
+            with deadline_ctx, wrapper:
+                stream.metadata, method_func = await self._dispatch.recv_request(
+                    stream.metadata,
+                    handler.func,
+                    method_name=stream._method_name,
+                    deadline=stream.deadline,
+                    content_type="application/grpc",
+                    user_agent=stream.user_agent,
+                    peer=stream.peer,  # type: ignore[arg-type]
+                )
+                await method_func(stream)
+        except TimeoutError:
+            if wrapper.cancelled:
+                raise GRPCError(Status.DEADLINE_EXCEEDED) from None
+            raise
+        if stream.closed:
+            return
+        if not stream._cardinality.value.server_streaming and not stream._send_message_done:
+            log.error(
+                "Unary response with OK status requires a single message to be sent: %r",
+                stream._method_name,
+            )
+            self._fail(stream, Status.UNKNOWN, "Internal Server Error")
+            return
+        await stream.send_trailing_metadata()
+
+    def _fail(
+        self,
+        stream: TunnelServerStream[Any, Any],
+        status: Status,
+        message: str | None,
+        details: Any = None,
+    ) -> None:
+        if stream.closed or not self.core.is_open(stream._stream_id):
+            return
+        proto = stream._status_proto(status, message, details)
+        if proto is None:
+            proto = StatusProto(code=status.value)
+        self.close_stream(stream._stream_id, proto, [])
+        stream._send_trailing_metadata_done = True

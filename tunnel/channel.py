@@ -1,0 +1,248 @@
+"""``TunnelChannel``: a grpclib ``Channel`` whose calls travel in a tunnel.
+
+Every generated stub (grpclib's, betterproto's, betterproto2's) talks to its
+channel only through ``request(...)`` and the stream it returns, so a
+``TunnelChannel`` can stand wherever a ``grpclib.client.Channel`` does, and
+``isinstance`` checks and type annotations agree.  ``open_tunnel`` makes one
+over any channel, a ``TunnelChannel`` included: tunnels nest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Generator
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpclib.client
+from grpclib.const import Cardinality
+from grpclib.encoding.base import CodecBase, StatusDetailsCodecBase
+from grpclib.encoding.proto import ProtoCodec, ProtoStatusDetailsCodec
+from grpclib.events import _DispatchChannelEvents
+from grpclib.metadata import Deadline, _MetadataLike
+from grpclib.protocol import Peer
+from multidict import MultiDict
+
+from ._client_stream import TunnelClientStream
+from ._client_tunnel import ClientTunnel
+from ._pb.tunnel_pb2 import ClientToServer, ServerToClient
+from .options import TunnelOptions
+
+__all__ = ["TunnelChannel", "open_tunnel"]
+
+_SendType = TypeVar("_SendType")
+_RecvType = TypeVar("_RecvType")
+
+OPEN_TUNNEL = "/grpctunnel.v1.TunnelService/OpenTunnel"
+NEGOTIATE_HEADER = "grpctunnel-negotiate"
+
+
+class TunnelChannel(grpclib.client.Channel):
+    """A channel whose calls all go to the one backend the tunnel reached."""
+
+    # grpclib's Channel.__init__ is deliberately not called: it sets up a
+    # host, a port and an HTTP/2 connection, none of which a tunnel has.
+    def __init__(
+        self,
+        tunnel: ClientTunnel,
+        *,
+        metadata: MultiDict[Any],
+        codec: CodecBase | None = None,
+        status_details_codec: StatusDetailsCodecBase | None = None,
+    ) -> None:
+        self._tunnel = tunnel
+        self._codec = codec or ProtoCodec()
+        self._status_details_codec = status_details_codec or ProtoStatusDetailsCodec()
+        self.__dispatch__ = _DispatchChannelEvents()
+        #: The metadata the tunnel was opened with.
+        self.metadata = metadata
+        self._protocol = None
+
+    @property
+    def peer(self) -> Peer | None:
+        """The peer of the connection that carries the tunnel."""
+        return self._tunnel.carrier.peer
+
+    @property
+    def error(self) -> BaseException | None:
+        """Why the tunnel closed; None while open or after a clean close."""
+        return self._tunnel.error
+
+    @property
+    def closed(self) -> bool:
+        return self._tunnel.closed
+
+    def request(
+        self,
+        name: str,
+        cardinality: Cardinality,
+        request_type: type[_SendType],
+        reply_type: type[_RecvType],
+        *,
+        timeout: float | None = None,
+        deadline: Deadline | None = None,
+        metadata: _MetadataLike | None = None,
+    ) -> TunnelClientStream[_SendType, _RecvType]:
+        if timeout is not None and deadline is None:
+            deadline = Deadline.from_timeout(timeout)
+        elif timeout is not None and deadline is not None:
+            deadline = min(Deadline.from_timeout(timeout), deadline)
+        return TunnelClientStream(
+            self._tunnel,
+            name,
+            MultiDict(metadata or ()),
+            cardinality,
+            request_type,
+            reply_type,
+            codec=self._codec,
+            status_details_codec=self._status_details_codec,
+            dispatch=self.__dispatch__,
+            deadline=deadline,
+        )
+
+    async def __connect__(self) -> Any:
+        raise RuntimeError("a TunnelChannel has no connection of its own")
+
+    def close(self) -> None:
+        """Cancel every call in flight and end the tunnel."""
+        self._tunnel.close()
+
+    async def wait_closed(self) -> None:
+        """Wait until the tunnel and its carrying call are over."""
+        await self._tunnel.wait_closed()
+
+    async def aclose(self) -> None:
+        self.close()
+        await self.wait_closed()
+
+    async def __aenter__(self) -> TunnelChannel:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_val: BaseException | None,
+        exc_tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __del__(self) -> None:
+        pass  # grpclib's warns about an unclosed HTTP/2 connection we never have
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return f"<TunnelChannel {state} peer={self.peer and self.peer.addr()}>"
+
+
+class _ForwardCarrier:
+    """The carrying ``OpenTunnel`` call, from the network client's side."""
+
+    def __init__(self, stream: grpclib.client.Stream[ClientToServer, ServerToClient]) -> None:
+        self._stream = stream
+        self.peer: Peer | None = stream.peer
+        self._ended = False
+
+    async def send(self, frame: ClientToServer) -> None:
+        await self._stream.send_message(frame)
+
+    async def recv(self) -> ServerToClient | None:
+        return await self._stream.recv_message()
+
+    async def end(self) -> None:
+        if not self._ended:
+            self._ended = True
+            await self._stream.end()
+
+    async def finish(self) -> None:
+        await self._stream.recv_trailing_metadata()
+
+    async def aclose(self) -> None:
+        await self._stream.__aexit__(None, None, None)
+
+
+class _OpenTunnel:
+    """``open_tunnel(...)``: awaitable, and an async context manager."""
+
+    def __init__(
+        self,
+        channel: grpclib.client.Channel,
+        metadata: _MetadataLike | None,
+        options: TunnelOptions,
+    ) -> None:
+        self._channel = channel
+        self._metadata: MultiDict[Any] = MultiDict(metadata or ())
+        self._options = options
+        self._tunnel_channel: TunnelChannel | None = None
+
+    async def _open(self) -> TunnelChannel:
+        request_md: MultiDict[Any] = MultiDict(self._metadata)
+        request_md[NEGOTIATE_HEADER] = "on"
+        stream = self._channel.request(
+            OPEN_TUNNEL,
+            Cardinality.STREAM_STREAM,
+            ClientToServer,
+            ServerToClient,
+            metadata=request_md,
+        )
+        await stream.__aenter__()
+        try:
+            await stream.send_request()
+            # The network server sends its headers at once; a refused tunnel
+            # (no services, bad credentials) ends here with its GRPCError.
+            await stream.recv_initial_metadata()
+        except BaseException as exc:
+            await _suppress_exit(stream, exc)
+            raise
+        assert stream.initial_metadata is not None
+        peer_negotiates = stream.initial_metadata.get(NEGOTIATE_HEADER) == "on"
+        tunnel = ClientTunnel(_ForwardCarrier(stream), self._options, peer_negotiates=peer_negotiates)
+        await tunnel.start()
+        self._tunnel_channel = TunnelChannel(
+            tunnel,
+            metadata=self._metadata,
+            codec=getattr(self._channel, "_codec", None),
+            status_details_codec=getattr(self._channel, "_status_details_codec", None),
+        )
+        return self._tunnel_channel
+
+    def __await__(self) -> Generator[Any, None, TunnelChannel]:
+        return self._open().__await__()
+
+    async def __aenter__(self) -> TunnelChannel:
+        return await self._open()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_val: BaseException | None,
+        exc_tb: TracebackType | None,
+    ) -> None:
+        if self._tunnel_channel is not None:
+            await self._tunnel_channel.aclose()
+
+
+async def _suppress_exit(stream: grpclib.client.Stream[Any, Any], exc: BaseException) -> None:
+    try:
+        await stream.__aexit__(type(exc), exc, exc.__traceback__)
+    except BaseException:
+        pass
+
+
+def open_tunnel(
+    channel: grpclib.client.Channel,
+    *,
+    metadata: _MetadataLike | None = None,
+    options: TunnelOptions | None = None,
+) -> _OpenTunnel:
+    """Open a forward tunnel over ``channel`` (any grpclib Channel).
+
+    Use it as ``async with open_tunnel(ch) as tunnel_channel:`` or as
+    ``tunnel_channel = await open_tunnel(ch)`` (then close it yourself).  It
+    returns once the tunnel is ready for calls; a tunnel the server refuses
+    raises the carrying call's ``GRPCError``, and failed negotiation raises
+    ``NegotiationError``.
+    """
+    return _OpenTunnel(channel, metadata, options or TunnelOptions())
+
+
+_ = asyncio

@@ -1,0 +1,121 @@
+"""``TunnelServiceHandler``: serves ``grpctunnel.v1.TunnelService``.
+
+Give it the same handler objects a ``grpclib.server.Server`` takes, and put
+it in the server's handler list: calls that arrive over forward tunnels run
+those handlers' code.  Server events listened on the handler
+(``grpclib.events.listen(handler, RecvRequest, ...)``) fire for tunneled
+calls, as they would on a ``Server`` for direct ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from typing import Any
+
+import grpclib.server
+from grpclib._typing import IServable
+from grpclib.const import Cardinality, Handler, Status
+from grpclib.encoding.proto import ProtoCodec, ProtoStatusDetailsCodec
+from grpclib.events import _DispatchServerEvents
+from grpclib.exceptions import GRPCError
+from multidict import MultiDict
+
+from ._pb.tunnel_pb2 import ClientToServer, ServerToClient
+from ._server_tunnel import ServerTunnel, TunnelInfo
+from .channel import NEGOTIATE_HEADER, OPEN_TUNNEL
+from .errors import RemoteProtocolError
+from .options import TunnelOptions
+
+__all__ = ["TunnelServiceHandler"]
+
+OPEN_REVERSE_TUNNEL = "/grpctunnel.v1.TunnelService/OpenReverseTunnel"
+
+
+class _ServerCarrier:
+    def __init__(self, stream: grpclib.server.Stream[Any, Any]) -> None:
+        self._stream = stream
+
+    async def send(self, frame: ServerToClient) -> None:
+        await self._stream.send_message(frame)
+
+    async def recv(self) -> ClientToServer | None:
+        return await self._stream.recv_message()  # type: ignore[no-any-return]
+
+
+class TunnelServiceHandler:
+    """The server side of ``grpctunnel.v1.TunnelService``."""
+
+    def __init__(
+        self,
+        handlers: Collection[IServable] = (),
+        *,
+        options: TunnelOptions | None = None,
+    ) -> None:
+        mapping: dict[str, Handler] = {}
+        for handler in handlers:
+            mapping.update(handler.__mapping__())
+        self._mapping = mapping
+        self._options = options or TunnelOptions()
+        self.__dispatch__ = _DispatchServerEvents()
+        self._codec = ProtoCodec()
+        self._status_details_codec = ProtoStatusDetailsCodec()
+        self._tunnels: set[ServerTunnel] = set()
+        self._shutting_down = False
+
+    def __mapping__(self) -> Mapping[str, Handler]:
+        return {
+            OPEN_TUNNEL: Handler(
+                self._open_tunnel, Cardinality.STREAM_STREAM, ClientToServer, ServerToClient
+            ),
+            OPEN_REVERSE_TUNNEL: Handler(
+                self._open_reverse_tunnel,
+                Cardinality.STREAM_STREAM,
+                ServerToClient,
+                ClientToServer,
+            ),
+        }
+
+    def initiate_shutdown(self) -> None:
+        """Every tunnel answers new streams with UNAVAILABLE; running calls finish."""
+        self._shutting_down = True
+        for tunnel in self._tunnels:
+            tunnel.initiate_shutdown()
+
+    async def _open_tunnel(self, stream: grpclib.server.Stream[Any, Any]) -> None:
+        if not self._mapping:
+            raise GRPCError(Status.UNIMPLEMENTED, "no services are exposed over forward tunnels")
+        peer_negotiates = stream.metadata is not None and (
+            stream.metadata.get(NEGOTIATE_HEADER) == "on"
+        )
+        response_md: MultiDict[Any] = MultiDict({NEGOTIATE_HEADER: "on"})
+        # Headers go out at once, before any frame: the reference does so,
+        # and listeners may put credentials in them.
+        await stream.send_initial_metadata(metadata=response_md)
+        tunnel = ServerTunnel(
+            _ServerCarrier(stream),
+            self._mapping,
+            info=TunnelInfo(
+                metadata=MultiDict(stream.metadata or ()),
+                response_metadata=response_md,
+                peer=stream.peer,
+                kind="forward",
+            ),
+            dispatch=self.__dispatch__,
+            codec=self._codec,
+            status_details_codec=self._status_details_codec,
+            options=self._options,
+            peer_negotiates=peer_negotiates,
+            user_agent=stream.user_agent,
+        )
+        if self._shutting_down:
+            tunnel.initiate_shutdown()
+        self._tunnels.add(tunnel)
+        try:
+            await tunnel.serve()
+        except RemoteProtocolError as exc:
+            raise GRPCError(Status.INTERNAL, f"tunnel protocol error: {exc}") from None
+        finally:
+            self._tunnels.discard(tunnel)
+
+    async def _open_reverse_tunnel(self, stream: grpclib.server.Stream[Any, Any]) -> None:
+        raise GRPCError(Status.UNIMPLEMENTED, "reverse tunnels are not enabled")

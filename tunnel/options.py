@@ -1,0 +1,43 @@
+"""Settings of a tunnel, validated once on construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["TunnelOptions"]
+
+
+@dataclass(frozen=True, slots=True)
+class TunnelOptions:
+    """How one end of a tunnel behaves.
+
+    The same options serve both ends; each end reads what concerns it.
+    """
+
+    #: Offer only protocol revision zero (no per-stream windows).  Both ends
+    #: must allow revision one for flow control to be used.
+    disable_flow_control: bool = False
+    #: The largest message a tunneled stream accepts (gRPC's default, 4 MiB).
+    #: A larger one fails its stream with RESOURCE_EXHAUSTED before any of it
+    #: is buffered.
+    max_receive_message_length: int = 4 * 1024 * 1024
+    #: The largest metadata (keys plus values, in characters) one frame may
+    #: carry, sent or received.  Larger metadata fails its call, never the
+    #: tunnel; the reference's whole tunnel dies on a frame over 4 MiB.
+    max_metadata_size: int = 64 * 1024
+    #: Seconds a tunnel client waits for the tunnel server's ``Settings``
+    #: frame before it gives up on the tunnel.
+    negotiation_timeout: float = 10.0
+    #: Seconds ``close()`` waits for the peer to end the carrying call after
+    #: our side of it was closed, before cutting it off.
+    close_timeout: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.max_receive_message_length <= 0:
+            raise ValueError("max_receive_message_length must be positive")
+        if self.max_metadata_size <= 0:
+            raise ValueError("max_metadata_size must be positive")
+        if not self.negotiation_timeout > 0:
+            raise ValueError("negotiation_timeout must be positive")
+        if not self.close_timeout > 0:
+            raise ValueError("close_timeout must be positive")
