@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from contextlib import AbstractContextManager
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 import grpclib.client
 from google.rpc.status_pb2 import Status as StatusProto
@@ -28,7 +27,7 @@ from grpclib.const import Cardinality, Status
 from grpclib.encoding.base import CodecBase, StatusDetailsCodecBase
 from grpclib.events import _DispatchChannelEvents
 from grpclib.exceptions import GRPCError, ProtocolError
-from grpclib.metadata import Deadline, encode_metadata
+from grpclib.metadata import Deadline, _Metadata, encode_metadata
 from grpclib.utils import DeadlineWrapper, Wrapper
 from multidict import MultiDict
 
@@ -44,9 +43,7 @@ _SendType = TypeVar("_SendType")
 _RecvType = TypeVar("_RecvType")
 
 
-def status_error(
-    status: StatusProto, details_codec: StatusDetailsCodecBase | None
-) -> GRPCError:
+def status_error(status: StatusProto, details_codec: StatusDetailsCodecBase | None) -> GRPCError:
     """The ``GRPCError`` a caller sees for a non-OK ``google.rpc.Status``."""
     try:
         code = Status(status.code)
@@ -59,16 +56,18 @@ def status_error(
     return GRPCError(code, message, details)
 
 
-class TunnelClientStream(grpclib.client.Stream[_SendType, _RecvType], Generic[_SendType, _RecvType]):
+class TunnelClientStream(
+    grpclib.client.Stream[_SendType, _RecvType], Generic[_SendType, _RecvType]
+):
     """One call on a tunnel; see grpclib's ``Stream`` for the API."""
 
     # grpclib.client.Stream.__init__ is deliberately not called: it expects
     # an HTTP/2 connection, which a tunneled call does not have.
-    def __init__(  # noqa: PLR0913
+    def __init__(
         self,
         tunnel: ClientTunnel,
         name: str,
-        metadata: MultiDict[Any],
+        metadata: _Metadata,
         cardinality: Cardinality,
         send_type: type[_SendType],
         recv_type: type[_RecvType],
@@ -89,10 +88,10 @@ class TunnelClientStream(grpclib.client.Stream[_SendType, _RecvType], Generic[_S
         self._dispatch = dispatch
         self._deadline = deadline
         self._wrapper: Wrapper = Wrapper()
-        self._wrapper_ctx: AbstractContextManager[Any] | None = None
-        self.initial_metadata: MultiDict[Any] | None = None
-        self.trailing_metadata: MultiDict[Any] | None = None
-        self.peer = tunnel.carrier.peer  # type: ignore[assignment]
+        self._wrapper_ctx = None
+        self.initial_metadata = None
+        self.trailing_metadata = None
+        self.peer = tunnel.carrier.peer
 
         self._send_request_done = False
         self._send_message_done = False

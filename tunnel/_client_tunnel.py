@@ -110,8 +110,7 @@ class ClientTunnel:
             return
         if not done:
             self.error = NegotiationError(
-                "tunnel server sent no settings within "
-                f"{self.options.negotiation_timeout} seconds"
+                f"tunnel server sent no settings within {self.options.negotiation_timeout} seconds"
             )
         self.close()
         await self.wait_closed()

@@ -19,7 +19,7 @@ from grpclib.const import Cardinality, Status
 from grpclib.encoding.base import CodecBase, StatusDetailsCodecBase
 from grpclib.events import _DispatchServerEvents
 from grpclib.exceptions import ProtocolError, StreamTerminatedError
-from grpclib.metadata import Deadline, _MetadataLike, encode_metadata
+from grpclib.metadata import Deadline, _Metadata, _MetadataLike, encode_metadata
 from grpclib.protocol import Peer
 from multidict import MultiDict
 
@@ -34,12 +34,14 @@ _RecvType = TypeVar("_RecvType")
 _SendType = TypeVar("_SendType")
 
 
-class TunnelServerStream(grpclib.server.Stream[_RecvType, _SendType], Generic[_RecvType, _SendType]):
+class TunnelServerStream(
+    grpclib.server.Stream[_RecvType, _SendType], Generic[_RecvType, _SendType]
+):
     """One tunneled call on the serving side; see grpclib's server ``Stream``."""
 
     # grpclib.server.Stream.__init__ is deliberately not called: it expects
     # an HTTP/2 stream, which a tunneled call does not have.
-    def __init__(  # noqa: PLR0913
+    def __init__(
         self,
         tunnel: ServerTunnel,
         stream_id: int,
@@ -52,7 +54,7 @@ class TunnelServerStream(grpclib.server.Stream[_RecvType, _SendType], Generic[_R
         status_details_codec: StatusDetailsCodecBase | None,
         dispatch: _DispatchServerEvents,
         deadline: Deadline | None,
-        metadata: MultiDict[Any],
+        metadata: _Metadata,
         user_agent: str | None,
         peer: Peer | None,
     ) -> None:
@@ -167,7 +169,9 @@ class TunnelServerStream(grpclib.server.Stream[_RecvType, _SendType], Generic[_R
             and not self._send_message_done
             and status is Status.OK
         ):
-            raise ProtocolError("Unary response with OK status requires a single message to be sent")
+            raise ProtocolError(
+                "Unary response with OK status requires a single message to be sent"
+            )
         md: MultiDict[Any] = MultiDict(metadata or ())
         (md,) = await self._dispatch.send_trailing_metadata(
             md, status=status, status_message=status_message, status_details=status_details
@@ -179,7 +183,9 @@ class TunnelServerStream(grpclib.server.Stream[_RecvType, _SendType], Generic[_R
             self._tunnel.close_stream(self._stream_id, proto, list(md.items()))
         self._send_trailing_metadata_done = True
 
-    def _status_proto(self, status: Status, message: str | None, details: Any) -> StatusProto | None:
+    def _status_proto(
+        self, status: Status, message: str | None, details: Any
+    ) -> StatusProto | None:
         if status is Status.OK:
             return None
         if details is not None and self._status_details_codec is not None:
@@ -199,6 +205,6 @@ class TunnelServerStream(grpclib.server.Stream[_RecvType, _SendType], Generic[_R
             self._tunnel.close_stream(
                 self._stream_id,
                 StatusProto(code=Status.CANCELLED.value, message="cancelled by the server"),
-                (),
+                [],
             )
         self._cancel_done = True

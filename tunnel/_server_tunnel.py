@@ -21,14 +21,14 @@ import contextvars
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from google.rpc.status_pb2 import Status as StatusProto
 from grpclib.const import Handler, Status
 from grpclib.encoding.base import CodecBase, StatusDetailsCodecBase
 from grpclib.events import _DispatchServerEvents
 from grpclib.exceptions import GRPCError
-from grpclib.metadata import Deadline
+from grpclib.metadata import Deadline, _Metadata
 from grpclib.protocol import Peer
 from grpclib.utils import DeadlineWrapper, Wrapper
 from multidict import MultiDict
@@ -85,7 +85,7 @@ class ServerCarrier(Protocol):
 class ServerTunnel:
     """Serves the streams of one tunnel until its carrying call ends."""
 
-    def __init__(  # noqa: PLR0913
+    def __init__(
         self,
         carrier: ServerCarrier,
         mapping: Mapping[str, Handler],
@@ -200,7 +200,7 @@ class ServerTunnel:
             status_details_codec=self._status_details_codec,
             dispatch=self._dispatch,
             deadline=deadline,
-            metadata=MultiDict(event.metadata),
+            metadata=cast(_Metadata, MultiDict(event.metadata)),
             user_agent=self._user_agent,
             peer=self._info.peer,
         )
@@ -270,7 +270,7 @@ class ServerTunnel:
             deadline_ctx = contextlib.nullcontext()
         else:
             wrapper = DeadlineWrapper()
-            deadline_ctx = wrapper.start(stream.deadline)  # type: ignore[attr-defined]
+            deadline_ctx = wrapper.start(stream.deadline)
         try:
             with deadline_ctx, wrapper:
                 stream.metadata, method_func = await self._dispatch.recv_request(
@@ -280,7 +280,7 @@ class ServerTunnel:
                     deadline=stream.deadline,
                     content_type="application/grpc",
                     user_agent=stream.user_agent,
-                    peer=stream.peer,  # type: ignore[arg-type]
+                    peer=stream.peer,
                 )
                 await method_func(stream)
         except TimeoutError:

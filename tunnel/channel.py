@@ -10,16 +10,17 @@ over any channel, a ``TunnelChannel`` included: tunnels nest.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Generator
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import grpclib.client
 from grpclib.const import Cardinality
 from grpclib.encoding.base import CodecBase, StatusDetailsCodecBase
 from grpclib.encoding.proto import ProtoCodec, ProtoStatusDetailsCodec
 from grpclib.events import _DispatchChannelEvents
-from grpclib.metadata import Deadline, _MetadataLike
+from grpclib.metadata import Deadline, _Metadata, _MetadataLike
 from grpclib.protocol import Peer
 from multidict import MultiDict
 
@@ -90,7 +91,7 @@ class TunnelChannel(grpclib.client.Channel):
         return TunnelClientStream(
             self._tunnel,
             name,
-            MultiDict(metadata or ()),
+            cast(_Metadata, MultiDict(metadata or ())),
             cardinality,
             request_type,
             reply_type,
@@ -195,7 +196,9 @@ class _OpenTunnel:
             raise
         assert stream.initial_metadata is not None
         peer_negotiates = stream.initial_metadata.get(NEGOTIATE_HEADER) == "on"
-        tunnel = ClientTunnel(_ForwardCarrier(stream), self._options, peer_negotiates=peer_negotiates)
+        tunnel = ClientTunnel(
+            _ForwardCarrier(stream), self._options, peer_negotiates=peer_negotiates
+        )
         await tunnel.start()
         self._tunnel_channel = TunnelChannel(
             tunnel,
@@ -222,10 +225,8 @@ class _OpenTunnel:
 
 
 async def _suppress_exit(stream: grpclib.client.Stream[Any, Any], exc: BaseException) -> None:
-    try:
+    with contextlib.suppress(BaseException):
         await stream.__aexit__(type(exc), exc, exc.__traceback__)
-    except BaseException:
-        pass
 
 
 def open_tunnel(

@@ -39,7 +39,7 @@ class _ServerCarrier:
         await self._stream.send_message(frame)
 
     async def recv(self) -> ClientToServer | None:
-        return await self._stream.recv_message()  # type: ignore[no-any-return]
+        return await self._stream.recv_message()
 
 
 class TunnelServiceHandler:

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from google.rpc.status_pb2 import Status
 from grpclib.const import Cardinality
 
-from google.rpc.status_pb2 import Status
 from .metadata import MetadataPairs
 
 __all__ = [

@@ -96,10 +96,13 @@ class InboundMessages:
     def envelope(self, size: int, data: bytes) -> bool:
         """A message starts; returns True if ``data`` completes it."""
         if self._remaining:
-            raise StreamFault(Status.INTERNAL, "a new message began before the previous one was complete")
+            raise StreamFault(
+                Status.INTERNAL, "a new message began before the previous one was complete"
+            )
         if size > self._limit:
             raise StreamFault(
-                Status.RESOURCE_EXHAUSTED, f"received message larger than max ({size} vs. {self._limit})"
+                Status.RESOURCE_EXHAUSTED,
+                f"received message larger than max ({size} vs. {self._limit})",
             )
         self._remaining = size
         self.messages_started += 1
@@ -114,10 +117,15 @@ class InboundMessages:
     def _chunk(self, data: bytes) -> bool:
         n = len(data)
         if n > self._remaining:
-            raise StreamFault(Status.INTERNAL, "message data exceeds the size stated in its envelope")
+            raise StreamFault(
+                Status.INTERNAL, "message data exceeds the size stated in its envelope"
+            )
         if self.window is not None:
             if n > self.window:
-                raise StreamFault(Status.RESOURCE_EXHAUSTED, "peer sent more data than the flow-control window allows")
+                raise StreamFault(
+                    Status.RESOURCE_EXHAUSTED,
+                    "peer sent more data than the flow-control window allows",
+                )
             self.window -= n
         self._remaining -= n
         return self._remaining == 0

@@ -252,7 +252,8 @@ class TunnelServerProtocol(Connection[ServerToClient]):
             self._expect_data(st)
             if st.inbound.messages_started and not st.cardinality.value.client_streaming:
                 raise StreamFault(
-                    Status.INVALID_ARGUMENT, "more than one request message for a unary-request method"
+                    Status.INVALID_ARGUMENT,
+                    "more than one request message for a unary-request method",
                 )
             envelope = frame.request_message
             complete = st.inbound.envelope(envelope.size, envelope.data)
