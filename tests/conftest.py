@@ -29,6 +29,7 @@ import grpclib.client
 import grpclib.server
 import pytest
 
+import tunnel
 from tunnel.testing.service import TestService
 
 T = TypeVar("T")
@@ -137,12 +138,12 @@ async def start_server() -> AsyncIterator[StartServer]:
     """
     servers: list[grpclib.server.Server] = []
 
-    async def start(services: Iterable[Any], *, tunnel_options: Any = None) -> int:
+    async def start(
+        services: Iterable[Any], *, tunnel_options: tunnel.TunnelOptions | None = None
+    ) -> int:
         services = list(services)
         handlers: list[Any] = list(services)
         if tunnel_options is not None:
-            import tunnel
-
             handlers.append(tunnel.TunnelServiceHandler(services, options=tunnel_options))
         server = grpclib.server.Server(handlers)
         sock = _listening_socket()
@@ -163,26 +164,17 @@ async def start_server() -> AsyncIterator[StartServer]:
             await server.wait_closed()
 
 
-def tunnel_options(*, disable_flow_control: bool) -> Any:
-    """``tunnel.TunnelOptions`` (imported late: the library may not exist yet)."""
-    import tunnel
-
+def make_tunnel_options(*, disable_flow_control: bool) -> tunnel.TunnelOptions:
     return tunnel.TunnelOptions(disable_flow_control=disable_flow_control)
 
 
-def server_tunnel_options(mode: Mode) -> Any:
+def server_tunnel_options(mode: Mode) -> tunnel.TunnelOptions:
     """The tunnel handler options a server for *mode* uses.
 
     The ``direct`` mode's server serves the tunnel handler too (with default
-    options) so that every mode talks to the same kind of server -- but only
-    once the library provides it, so that direct tests can run before then.
+    options), so that every mode talks to the same kind of server.
     """
-    if not mode.tunneled:
-        try:
-            return tunnel_options(disable_flow_control=False)
-        except (ImportError, AttributeError):
-            return None
-    return tunnel_options(disable_flow_control=mode.server_disables_flow_control)
+    return make_tunnel_options(disable_flow_control=mode.server_disables_flow_control)
 
 
 @pytest.fixture
@@ -253,12 +245,10 @@ async def open_channel(start_server: StartServer) -> AsyncIterator[OpenChannel]:
             stack.callback(direct.close)
             if not mode.tunneled:
                 return direct
-            import tunnel
-
-            options = tunnel_options(disable_flow_control=mode.client_disables_flow_control)
-            tunneled: grpclib.client.Channel = await _hold_open(
-                tunnel.open_tunnel(direct, options=options), stack
-            )
+            options = make_tunnel_options(disable_flow_control=mode.client_disables_flow_control)
+            tunneled = await _hold_open(tunnel.open_tunnel(direct, options=options), stack)
+            # A test that silently fell back to a direct channel would prove nothing.
+            assert isinstance(tunneled, tunnel.TunnelChannel)
             return tunneled
 
         yield open_
