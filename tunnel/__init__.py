@@ -24,11 +24,14 @@ from .errors import (
 )
 from .handler import TunnelServiceHandler
 from .options import TunnelOptions
+from .reverse import ReverseChannel, ReverseTunnelServer
 
 __all__ = [
     "LocalProtocolError",
     "NegotiationError",
     "RemoteProtocolError",
+    "ReverseChannel",
+    "ReverseTunnelServer",
     "TunnelChannel",
     "TunnelClosedError",
     "TunnelError",

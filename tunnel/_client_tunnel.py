@@ -83,6 +83,9 @@ class ClientTunnel:
         #: Why the tunnel ended; None while open and after a clean close.
         self.error: BaseException | None = None
         self.closing = False
+        #: Set by a handler's ``initiate_shutdown``: new calls are refused
+        #: with UNAVAILABLE while running ones finish.
+        self.draining = False
         self._negotiated = asyncio.Event()
         if self.core.ready:
             self._negotiated.set()
@@ -130,6 +133,8 @@ class ClientTunnel:
         """Register a call and queue its ``new_stream``."""
         if self.closing or self._closed.is_set():
             raise TunnelClosedError(self._closed_reason())
+        if self.draining:
+            raise TunnelClosedError("tunnel is shutting down")
         stream_id = self.core.open_stream(method, metadata, cardinality, timeout=timeout)
         self.calls[stream_id] = call
         self.driver.wake()
@@ -222,8 +227,13 @@ class ClientTunnel:
         try:
             async with asyncio.timeout(self.options.close_timeout):
                 await self.driver.drain()
-                await self.carrier.end()
-                await asyncio.shield(main)
+                if not getattr(self.carrier, "can_half_close", True):
+                    # A network server ends the carrying call by returning
+                    # from its handler, not by half-closing: stop reading.
+                    main.cancel()
+                else:
+                    await self.carrier.end()
+                    await asyncio.shield(main)
         except (TimeoutError, Exception):
             main.cancel()
         with contextlib.suppress(BaseException):
@@ -238,6 +248,11 @@ class ClientTunnel:
     @property
     def closed(self) -> bool:
         return self._closed.is_set()
+
+    @property
+    def usable(self) -> bool:
+        """True while new calls may start on this tunnel."""
+        return not (self.closing or self.draining or self._closed.is_set())
 
     def _fail_calls(self, status: Status, message: str) -> None:
         calls = list(self.calls.items())

@@ -117,6 +117,10 @@ class ServerTunnel:
         )
         self._streams: dict[int, TunnelServerStream[Any, Any]] = {}
         self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._stopped = False
+        self._reader: asyncio.Task[None] | None = None
 
     def initiate_shutdown(self) -> None:
         """Refuse new streams with UNAVAILABLE; running ones go on."""
@@ -126,6 +130,16 @@ class ServerTunnel:
     def active_streams(self) -> int:
         return len(self._tasks)
 
+    async def wait_idle(self) -> None:
+        """Wait until no tunneled call is running."""
+        await self._idle.wait()
+
+    def stop(self) -> None:
+        """End the tunnel now: running calls are cancelled, ``serve`` returns."""
+        self._stopped = True
+        if self._reader is not None:
+            self._reader.cancel()
+
     async def serve(self) -> None:
         """Run until the tunnel client ends the carrying call.
 
@@ -134,10 +148,22 @@ class ServerTunnel:
         _current.set(self._info)
         writer = asyncio.create_task(self._write(), name="tunnel-server-writer")
         clean = False
+        self._reader = asyncio.create_task(
+            self.driver.read_loop(self._on_events), name="tunnel-server-reader"
+        )
         try:
-            await self.driver.read_loop(self._on_events)
+            try:
+                await self._reader
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if not self._stopped or (current is not None and current.cancelling()):
+                    raise
             clean = True
         finally:
+            if not self._reader.done():
+                self._reader.cancel()
+                with contextlib.suppress(BaseException):
+                    await self._reader
             await self._cancel_handlers()
             if clean:
                 # Let the final close_stream frames out before the carrying
@@ -207,6 +233,7 @@ class ServerTunnel:
         # Registered before any await: frames that follow in the same read
         # must find the stream.
         self._streams[event.stream_id] = stream
+        self._idle.clear()
         self._tasks[event.stream_id] = asyncio.create_task(
             self._run_handler(stream, handler), name=f"tunnel-handler-{event.method}"
         )
@@ -261,6 +288,8 @@ class ServerTunnel:
             self._streams.pop(stream_id, None)
             self._tasks.pop(stream_id, None)
             self.driver.release_waiters(stream_id)
+            if not self._tasks:
+                self._idle.set()
 
     async def _call_handler(self, stream: TunnelServerStream[Any, Any], handler: Handler) -> None:
         wrapper: Wrapper

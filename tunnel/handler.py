@@ -9,7 +9,7 @@ calls, as they would on a ``Server`` for direct ones.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Hashable, Mapping
 from typing import Any
 
 import grpclib.server
@@ -22,13 +22,19 @@ from multidict import MultiDict
 
 from ._pb.tunnel_pb2 import ClientToServer, ServerToClient
 from ._server_tunnel import ServerTunnel, TunnelInfo
-from .channel import NEGOTIATE_HEADER, OPEN_TUNNEL
+from .channel import NEGOTIATE_HEADER, OPEN_TUNNEL, TunnelChannel
 from .errors import RemoteProtocolError
 from .options import TunnelOptions
+from .reverse import (
+    OPEN_REVERSE_TUNNEL,
+    AffinityKey,
+    ReverseChannel,
+    ReversePools,
+    TunnelCallback,
+    serve_reverse_tunnel,
+)
 
 __all__ = ["TunnelServiceHandler"]
-
-OPEN_REVERSE_TUNNEL = "/grpctunnel.v1.TunnelService/OpenReverseTunnel"
 
 
 class _ServerCarrier:
@@ -49,6 +55,10 @@ class TunnelServiceHandler:
         self,
         handlers: Collection[IServable] = (),
         *,
+        reverse_tunnels: bool = True,
+        affinity_key: AffinityKey | None = None,
+        on_reverse_tunnel_open: TunnelCallback | None = None,
+        on_reverse_tunnel_close: TunnelCallback | None = None,
         options: TunnelOptions | None = None,
     ) -> None:
         mapping: dict[str, Handler] = {}
@@ -61,6 +71,11 @@ class TunnelServiceHandler:
         self._status_details_codec = ProtoStatusDetailsCodec()
         self._tunnels: set[ServerTunnel] = set()
         self._shutting_down = False
+        self._reverse_tunnels = reverse_tunnels
+        self._affinity_key = affinity_key
+        self._on_reverse_open = on_reverse_tunnel_open
+        self._on_reverse_close = on_reverse_tunnel_close
+        self._pools = ReversePools()
 
     def __mapping__(self) -> Mapping[str, Handler]:
         return {
@@ -76,10 +91,30 @@ class TunnelServiceHandler:
         }
 
     def initiate_shutdown(self) -> None:
-        """Every tunnel answers new streams with UNAVAILABLE; running calls finish."""
+        """Every tunnel refuses new streams with UNAVAILABLE; running calls finish.
+
+        Forward tunnels answer new streams with UNAVAILABLE; calls sent over
+        reverse tunnels fail with UNAVAILABLE at once.
+        """
         self._shutting_down = True
         for tunnel in self._tunnels:
             tunnel.initiate_shutdown()
+        for channel in self._pools.all.channels:
+            channel._tunnel.draining = True
+
+    # -- reverse tunnels ---------------------------------------------------
+
+    def as_channel(self) -> ReverseChannel:
+        """All reverse tunnels as one channel (round-robin)."""
+        return ReverseChannel(self._pools.all, "is open")
+
+    def key_as_channel(self, key: Hashable) -> ReverseChannel:
+        """The reverse tunnels with affinity ``key`` as one channel."""
+        return ReverseChannel(self._pools.key_pool(key), f"has affinity key {key!r}")
+
+    def all_reverse_tunnels(self) -> list[TunnelChannel]:
+        """A snapshot of the open reverse tunnels."""
+        return [c for c in self._pools.all.channels if not c.closed]
 
     async def _open_tunnel(self, stream: grpclib.server.Stream[Any, Any]) -> None:
         if not self._mapping:
@@ -118,4 +153,14 @@ class TunnelServiceHandler:
             self._tunnels.discard(tunnel)
 
     async def _open_reverse_tunnel(self, stream: grpclib.server.Stream[Any, Any]) -> None:
-        raise GRPCError(Status.UNIMPLEMENTED, "reverse tunnels are not enabled")
+        if not self._reverse_tunnels:
+            raise GRPCError(Status.UNIMPLEMENTED, "reverse tunnels are not enabled")
+        await serve_reverse_tunnel(
+            stream,
+            self._pools,
+            options=self._options,
+            affinity_key=self._affinity_key,
+            on_open=self._on_reverse_open,
+            on_close=self._on_reverse_close,
+            draining=lambda: self._shutting_down,
+        )

@@ -1,0 +1,445 @@
+"""Reverse tunnels: the network server calls services of clients that dialed in.
+
+Two ends, two roles:
+
+* The *network client* runs a ``ReverseTunnelServer``: it opens
+  ``OpenReverseTunnel`` and serves, over that one call, the RPCs the network
+  server sends it (a device behind NAT registering with a router; a client
+  that takes pushed requests with real request/response semantics).
+* The *network server*'s ``TunnelServiceHandler`` accepts those calls.  Each
+  becomes a reverse ``TunnelChannel`` (a grpclib Channel whose calls go to
+  that one client), kept in pools: all reverse tunnels, and one pool per
+  affinity key.  ``ReverseChannel`` turns a pool into a channel that spreads
+  calls round-robin over its tunnels.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import random
+from collections.abc import Callable, Collection, Hashable, Mapping
+from typing import Any, TypeVar, cast
+
+import grpclib.client
+import grpclib.server
+from grpclib._typing import IServable
+from grpclib.const import Cardinality, Handler, Status
+from grpclib.encoding.proto import ProtoCodec, ProtoStatusDetailsCodec
+from grpclib.events import _DispatchChannelEvents, _DispatchServerEvents
+from grpclib.exceptions import GRPCError
+from grpclib.metadata import Deadline, _Metadata, _MetadataLike
+from grpclib.protocol import Peer
+from multidict import MultiDict
+
+from ._client_stream import TunnelClientStream
+from ._client_tunnel import ClientTunnel
+from ._pb.tunnel_pb2 import ClientToServer, ServerToClient
+from ._server_tunnel import ServerTunnel, TunnelInfo
+from .channel import NEGOTIATE_HEADER, TunnelChannel
+from .errors import RemoteProtocolError
+from .options import TunnelOptions
+
+__all__ = ["ReverseChannel", "ReverseTunnelServer"]
+
+log = logging.getLogger("tunnel")
+
+OPEN_REVERSE_TUNNEL = "/grpctunnel.v1.TunnelService/OpenReverseTunnel"
+
+_SendType = TypeVar("_SendType")
+_RecvType = TypeVar("_RecvType")
+
+
+# -- the network server's side ------------------------------------------------------
+
+
+class _Pool:
+    """The open reverse tunnels of one key (or all of them), in arrival order."""
+
+    def __init__(self) -> None:
+        self.channels: list[TunnelChannel] = []
+        self._next = 0
+        self._changed = asyncio.Event()
+
+    def add(self, channel: TunnelChannel) -> None:
+        self.channels.append(channel)
+        self._changed.set()
+
+    def remove(self, channel: TunnelChannel) -> None:
+        with contextlib.suppress(ValueError):
+            self.channels.remove(channel)
+
+    def pick(self) -> TunnelChannel | None:
+        """The next usable tunnel, round-robin; never one that has closed."""
+        channels = self.channels
+        for _ in range(len(channels)):
+            self._next %= len(channels)
+            channel = channels[self._next]
+            self._next += 1
+            if channel._tunnel.usable:
+                return channel
+        return None
+
+    async def wait_ready(self) -> None:
+        while self.pick() is None:
+            self._changed.clear()
+            await self._changed.wait()
+
+
+class ReversePools:
+    """Every reverse tunnel a ``TunnelServiceHandler`` holds, by affinity key."""
+
+    def __init__(self) -> None:
+        self.all = _Pool()
+        self.by_key: dict[Hashable, _Pool] = {}
+
+    def key_pool(self, key: Hashable) -> _Pool:
+        pool = self.by_key.get(key)
+        if pool is None:
+            pool = self.by_key[key] = _Pool()
+        return pool
+
+    def add(self, channel: TunnelChannel, key: Hashable) -> None:
+        self.all.add(channel)
+        self.key_pool(key).add(channel)
+
+    def remove(self, channel: TunnelChannel, key: Hashable) -> None:
+        self.all.remove(channel)
+        pool = self.by_key.get(key)
+        if pool is not None:
+            pool.remove(channel)
+
+
+class ReverseChannel(grpclib.client.Channel):
+    """A pool of reverse tunnels used as one channel.
+
+    Each call goes to the next ready tunnel, round-robin.  With no tunnel in
+    the pool a call fails at once with ``GRPCError(UNAVAILABLE)``.  Client
+    events listened on this channel fire for the calls sent through it.
+    """
+
+    # grpclib's Channel.__init__ is deliberately not called (no connection).
+    def __init__(self, pool: _Pool, description: str) -> None:
+        self._pool = pool
+        self._description = description
+        self._codec = ProtoCodec()
+        self._status_details_codec = ProtoStatusDetailsCodec()
+        self.__dispatch__ = _DispatchChannelEvents()
+        self._protocol = None
+
+    def is_ready(self) -> bool:
+        """True if a call made now has a tunnel to go to."""
+        return self._pool.pick() is not None
+
+    async def wait_ready(self) -> None:
+        """Return as soon as the pool has a usable tunnel (bound it yourself)."""
+        await self._pool.wait_ready()
+
+    def request(
+        self,
+        name: str,
+        cardinality: Cardinality,
+        request_type: type[_SendType],
+        reply_type: type[_RecvType],
+        *,
+        timeout: float | None = None,
+        deadline: Deadline | None = None,
+        metadata: _MetadataLike | None = None,
+    ) -> TunnelClientStream[_SendType, _RecvType]:
+        channel = self._pool.pick()
+        if channel is None:
+            raise GRPCError(Status.UNAVAILABLE, f"no reverse tunnel {self._description}")
+        if timeout is not None:
+            timeout_deadline = Deadline.from_timeout(timeout)
+            deadline = timeout_deadline if deadline is None else min(deadline, timeout_deadline)
+        return TunnelClientStream(
+            channel._tunnel,
+            name,
+            cast(_Metadata, MultiDict(metadata or ())),
+            cardinality,
+            request_type,
+            reply_type,
+            codec=self._codec,
+            status_details_codec=self._status_details_codec,
+            dispatch=self.__dispatch__,
+            deadline=deadline,
+        )
+
+    async def __connect__(self) -> Any:
+        raise RuntimeError("a ReverseChannel has no connection of its own")
+
+    def close(self) -> None:
+        """Nothing to close: the tunnels belong to their handler."""
+
+    def __del__(self) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"<ReverseChannel {self._description}: {len(self._pool.channels)} tunnel(s)>"
+
+
+class _ReverseServerCarrier:
+    """The carrying ``OpenReverseTunnel`` call, from the network server's side.
+
+    The network server cannot half-close a call it serves: it ends the
+    tunnel by returning from the handler, so ``end`` is not available and
+    the tunnel stops its reader instead.
+    """
+
+    can_half_close = False
+
+    def __init__(self, stream: grpclib.server.Stream[Any, Any]) -> None:
+        self._stream = stream
+        self.peer: Peer | None = stream.peer
+
+    async def send(self, frame: ClientToServer) -> None:
+        await self._stream.send_message(frame)
+
+    async def recv(self) -> ServerToClient | None:
+        frame: ServerToClient | None = await self._stream.recv_message()
+        return frame
+
+    async def end(self) -> None:
+        pass
+
+    async def finish(self) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        pass
+
+
+AffinityKey = Callable[[TunnelChannel], Hashable]
+TunnelCallback = Callable[[TunnelChannel], object]
+
+
+async def serve_reverse_tunnel(
+    stream: grpclib.server.Stream[Any, Any],
+    pools: ReversePools,
+    *,
+    options: TunnelOptions,
+    affinity_key: AffinityKey | None,
+    on_open: TunnelCallback | None,
+    on_close: TunnelCallback | None,
+    draining: Callable[[], bool],
+) -> None:
+    """Handle one ``OpenReverseTunnel`` call until the tunnel ends.
+
+    Runs in the task grpclib handles the call in, so the affinity key
+    function and the callbacks see the context variables that server event
+    listeners set for this call.
+    """
+    metadata: MultiDict[Any] = MultiDict(stream.metadata or ())
+    peer_negotiates = metadata.get(NEGOTIATE_HEADER) == "on"
+    await stream.send_initial_metadata(metadata={NEGOTIATE_HEADER: "on"})
+    tunnel = ClientTunnel(_ReverseServerCarrier(stream), options, peer_negotiates=peer_negotiates)
+    try:
+        await tunnel.start()
+    except RemoteProtocolError as exc:
+        raise GRPCError(Status.INTERNAL, f"tunnel protocol error: {exc}") from None
+    channel = TunnelChannel(tunnel, metadata=metadata)
+    if draining():
+        tunnel.draining = True
+    key: Hashable = None
+    try:
+        key = affinity_key(channel) if affinity_key is not None else None
+        pools.add(channel, key)
+        if on_open is not None:
+            on_open(channel)
+        await tunnel.wait_closed()
+    finally:
+        channel.close()
+        pools.remove(channel, key)
+        await tunnel.wait_closed()
+        if on_close is not None:
+            on_close(channel)
+    if isinstance(tunnel.error, RemoteProtocolError):
+        raise GRPCError(Status.INTERNAL, f"tunnel protocol error: {tunnel.error}")
+
+
+# -- the network client's side ----------------------------------------------------------
+
+
+class _ReverseClientCarrier:
+    """The carrying ``OpenReverseTunnel`` call, from the network client's side."""
+
+    def __init__(self, stream: grpclib.client.Stream[ServerToClient, ClientToServer]) -> None:
+        self._stream = stream
+
+    async def send(self, frame: ServerToClient) -> None:
+        await self._stream.send_message(frame)
+
+    async def recv(self) -> ClientToServer | None:
+        return await self._stream.recv_message()
+
+
+class ReverseTunnelServer:
+    """Serves RPCs that a network server sends back over reverse tunnels.
+
+    ``handlers`` are what a ``grpclib.server.Server`` takes.  Server events
+    listened on this object fire for the tunneled handlers.
+    """
+
+    def __init__(
+        self,
+        channel: grpclib.client.Channel,
+        handlers: Collection[IServable],
+        *,
+        options: TunnelOptions | None = None,
+    ) -> None:
+        mapping: dict[str, Handler] = {}
+        for handler in handlers:
+            mapping.update(handler.__mapping__())
+        self._channel = channel
+        self._mapping: Mapping[str, Handler] = mapping
+        self._options = options or TunnelOptions()
+        self.__dispatch__ = _DispatchServerEvents()
+        self._codec = ProtoCodec()
+        self._status_details_codec = ProtoStatusDetailsCodec()
+        self._tunnels: set[ServerTunnel] = set()
+        self._serving = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._closed = False
+        self._stop_forever = asyncio.Event()
+        #: The response headers of the most recently opened tunnel.
+        self.response_metadata: MultiDict[Any] | None = None
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def serve(self, metadata: _MetadataLike | None = None) -> None:
+        """Open one reverse tunnel and serve it until it closes.
+
+        Returns normally when the network server ended the tunnel (or
+        ``close()`` was called); raises the carrying call's ``GRPCError``
+        when the tunnel could not be opened or failed.  May run several
+        times at once: each call is one tunnel.
+        """
+        if self._closed:
+            raise GRPCError(Status.UNAVAILABLE, "reverse tunnel server is closed")
+        request_md: MultiDict[Any] = MultiDict(metadata or ())
+        request_md[NEGOTIATE_HEADER] = "on"
+        stream = self._channel.request(
+            OPEN_REVERSE_TUNNEL,
+            Cardinality.STREAM_STREAM,
+            ServerToClient,
+            ClientToServer,
+            metadata=request_md,
+        )
+        self._serving += 1
+        self._idle.clear()
+        try:
+            async with stream:
+                await stream.send_request()
+                await stream.recv_initial_metadata()
+                response_md: MultiDict[Any] = MultiDict(stream.initial_metadata or ())
+                self.response_metadata = response_md
+                tunnel = ServerTunnel(
+                    _ReverseClientCarrier(stream),
+                    self._mapping,
+                    info=TunnelInfo(
+                        metadata=MultiDict(metadata or ()),
+                        response_metadata=response_md,
+                        peer=stream.peer,
+                        kind="reverse",
+                    ),
+                    dispatch=self.__dispatch__,
+                    codec=self._codec,
+                    status_details_codec=self._status_details_codec,
+                    options=self._options,
+                    peer_negotiates=response_md.get(NEGOTIATE_HEADER) == "on",
+                    user_agent=None,
+                )
+                if self._closed:
+                    return
+                self._tunnels.add(tunnel)
+                try:
+                    await tunnel.serve()
+                except RemoteProtocolError as exc:
+                    raise GRPCError(Status.INTERNAL, f"tunnel protocol error: {exc}") from None
+                finally:
+                    self._tunnels.discard(tunnel)
+                with contextlib.suppress(Exception):
+                    await stream.end()
+                await stream.recv_trailing_metadata()
+        finally:
+            self._serving -= 1
+            if not self._serving:
+                self._idle.set()
+
+    async def serve_forever(
+        self,
+        metadata: _MetadataLike | None = None,
+        *,
+        min_backoff: float = 0.1,
+        max_backoff: float = 30.0,
+        jitter: float = 0.2,
+    ) -> None:
+        """Keep one reverse tunnel open until ``close()``.
+
+        When the tunnel or its connection drops (or cannot be opened), it is
+        reopened after an exponential backoff from ``min_backoff`` to
+        ``max_backoff`` seconds, each delay randomised by +/- ``jitter``
+        (a fraction), so that many clients do not reconnect in step.  A
+        tunnel that stayed up resets the backoff.  Every reconnect is logged
+        with its reason.
+        """
+        if min_backoff <= 0 or max_backoff < min_backoff or not 0 <= jitter < 1:
+            raise ValueError("need 0 < min_backoff <= max_backoff and 0 <= jitter < 1")
+        backoff = min_backoff
+        for attempt in itertools.count(1):
+            if self._closed:
+                return
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            reason: str
+            try:
+                await self.serve(metadata)
+                reason = "the network server closed the tunnel"
+            except GRPCError as exc:
+                reason = f"{exc.status.name}: {exc.message}"
+            except (TimeoutError, OSError, ConnectionError) as exc:
+                reason = f"{type(exc).__name__}: {exc}"
+            except Exception as exc:  # the connection died in some other way
+                reason = f"{type(exc).__name__}: {exc}"
+            if self._closed:
+                return
+            if loop.time() - started > max_backoff:
+                backoff = min_backoff  # it was up for a while: start over
+            delay = backoff * random.uniform(1 - jitter, 1 + jitter)
+            log.warning(
+                "reverse tunnel attempt %d ended (%s); reconnecting in %.2f s",
+                attempt,
+                reason,
+                delay,
+            )
+            backoff = min(backoff * 2, max_backoff)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._stop_forever.wait()
+
+    def close(self) -> None:
+        """End every tunnel now; calls in flight are cancelled."""
+        self._closed = True
+        self._stop_forever.set()
+        for tunnel in list(self._tunnels):
+            tunnel.stop()
+
+    async def graceful_stop(self) -> None:
+        """Refuse new streams (UNAVAILABLE), wait for running calls, then close."""
+        self._closed = True
+        self._stop_forever.set()
+        tunnels = list(self._tunnels)
+        for tunnel in tunnels:
+            tunnel.initiate_shutdown()
+        await asyncio.gather(*(tunnel.wait_idle() for tunnel in tunnels))
+        self.close()
+        await self.wait_closed()
+
+    async def wait_closed(self) -> None:
+        """Wait until every ``serve()`` has returned."""
+        await self._idle.wait()
