@@ -108,12 +108,37 @@ def test_cancel_is_answered_with_close_stream_cancelled() -> None:
     assert not any(isinstance(e, StreamEnded) for e in pair.client_events)
 
 
+def test_cancel_drops_unsent_responses() -> None:
+    server = negotiated_server()
+    server.receive_frame(new_stream(1, SERVER_STREAM))
+    server.receive_frame(request(1, b"q"))
+    server.send_message(1, b"r" * 50_000)
+    server.receive_frame(cancel(1))
+    frames = drain_server(server)
+    assert [k for _, k in kinds(frames)] == ["response_headers", "close_stream"]
+    # Anything the handler still does on the stream is refused, not queued.
+    assert not server.is_open(1)
 
 
+def test_cancel_of_a_stream_without_headers_sends_empty_headers_first() -> None:
+    # The reference does this (vectors/fwd_fc_deadline_client): only streams
+    # refused at creation get a close_stream alone.
+    server = negotiated_server()
+    server.receive_frame(new_stream(1, UNARY))
+    server.receive_frame(cancel(1))
+    frames = drain_server(server)
+    assert kinds(frames) == [(1, "response_headers"), (1, "close_stream")]
+    assert frames[1].close_stream.status.code == Status.CANCELLED.value
 
 
-
-
+def test_cancel_keeps_headers_the_app_queued_but_were_not_yet_sent() -> None:
+    server = negotiated_server()
+    server.receive_frame(new_stream(1, BIDI))
+    server.send_headers(1, [("x-h", "kept")])
+    server.receive_frame(cancel(1))
+    frames = drain_server(server)
+    assert kinds(frames) == [(1, "response_headers"), (1, "close_stream")]
+    assert list(frames[0].response_headers.md["x-h"].val) == ["kept"]
 
 
 def test_cancel_after_new_stream_was_pulled_sends_cancel_only() -> None:

@@ -282,8 +282,21 @@ class TunnelServerProtocol(Connection[ServerToClient]):
             raise StreamFault(Status.INTERNAL, "tunnel client sent on a half-closed stream")
 
     def _reset(self, st: StreamState, status: Status, message: str) -> StreamReset:
-        """End a stream now: unsent responses are dropped, the status goes out."""
+        """End a stream now: unsent responses are dropped, the status goes out.
+
+        Response headers are not dropped: an accepted stream always gets
+        headers before its ``close_stream`` (empty ones if the application
+        sent none, as the reference does on a cancel); only streams refused
+        at creation get a ``close_stream`` alone.
+        """
+        headers = [item for item in st.pending if _is_headers(item)]
         st.pending.clear()
+        st.pending.extend(headers[:1])
+        if not st.headers_done:
+            empty = ServerToClient(stream_id=st.id)
+            empty.response_headers.SetInParent()
+            st.pending.append(empty)
+            st.headers_done = True
         close = ServerToClient(stream_id=st.id)
         close.close_stream.response_trailers.SetInParent()
         close.close_stream.status.code = status.value
@@ -292,3 +305,7 @@ class TunnelServerProtocol(Connection[ServerToClient]):
         self._schedule(st)
         self._finish(st, drop_pending=False)
         return StreamReset(st.id, status.value, message)
+
+
+def _is_headers(item: object) -> bool:
+    return isinstance(item, ServerToClient) and item.HasField("response_headers")
