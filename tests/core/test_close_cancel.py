@@ -141,6 +141,21 @@ def test_cancel_keeps_headers_the_app_queued_but_were_not_yet_sent() -> None:
     assert list(frames[0].response_headers.md["x-h"].val) == ["kept"]
 
 
+def test_cancel_before_new_stream_was_pulled_sends_nothing() -> None:
+    pair = Pair()
+    stream_id = pair.client.open_stream(BIDI, (), pair.server._methods[BIDI])
+    pair.client.send_message(stream_id, b"x")
+    pair.client.cancel(stream_id)
+    assert drain_client(pair.client) == []
+    assert not pair.client.is_open(stream_id)
+    # ... and the stream does not linger in the client's table.
+    assert stream_id not in pair.client._streams
+    # The next stream's id is above it; the server simply never saw the first.
+    next_id = pair.open(BIDI)
+    assert next_id == stream_id + 1
+    assert pair.server.is_open(next_id)
+
+
 def test_cancel_after_new_stream_was_pulled_sends_cancel_only() -> None:
     pair = Pair()
     stream_id = pair.open(BIDI)

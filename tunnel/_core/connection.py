@@ -117,7 +117,12 @@ class Connection(Generic[OutFrame]):
             st = ring.popleft()
             frame = self._pop_frame(st)
             if frame is None:
+                # Its queue was emptied while it waited in the ring (a
+                # cancel before new_stream went out): if it is over, this
+                # was its last chance to leave the table.
                 st.scheduled = False
+                if st.finished and not st.pending:
+                    self._forget(st)
                 continue
             if st.pending and self._can_send(st):
                 ring.append(st)
