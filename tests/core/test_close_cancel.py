@@ -171,3 +171,21 @@ def test_cancel_of_a_finished_stream_is_a_no_op() -> None:
     pair.pump()
     pair.client.cancel(stream_id)
     assert drain_client(pair.client) == []
+
+
+def test_cancel_of_a_closed_stream_with_blocked_responses_frees_it() -> None:
+    # The handler finished (close queued behind a response the flow-control
+    # window holds back), then the client gave up: nothing will ever open the
+    # window again, so the queued data must not be kept for the tunnel's life.
+    server = negotiated_server()
+    server.receive_frame(new_stream(1, SERVER_STREAM))
+    server.receive_frame(request(1, b"q"))
+    server.send_message(1, b"r" * 100_000)
+    server.close_stream(1, None)
+    sent = drain_server(server)
+    assert sum(len(f.response_message.data) + len(f.more_response_data) for f in sent) == 65_536
+    assert server.receive_frame(cancel(1)) == []
+    rest = drain_server(server)
+    assert [k for _, k in kinds(rest)] == ["close_stream"]
+    assert server.buffered_message_bytes(1) == 0
+    assert 1 not in server._streams

@@ -37,7 +37,7 @@ from .._pb.tunnel_pb2 import (
 from ..errors import LocalProtocolError, RemoteProtocolError
 from .connection import Connection, StreamState
 from .events import DataReceived, Event, HalfClosed, StreamOpened, StreamReset
-from .flow import INITIAL_WINDOW_SIZE, InboundMessages, StreamFault
+from .flow import INITIAL_WINDOW_SIZE, InboundMessages, OutboundMessage, StreamFault
 from .metadata import MetadataError, decode_metadata, encode_metadata
 
 __all__ = ["TunnelServerProtocol", "parse_method_name"]
@@ -176,6 +176,11 @@ class TunnelServerProtocol(Connection[ServerToClient]):
             return self._open(stream_id, frame.new_stream)
         if kind == "window_update":
             return self._window_update_received(stream_id, frame.window_update)
+        if kind == "cancel":
+            closing = self._streams.get(stream_id)
+            if closing is not None and closing.finished:
+                self._abandon(closing)
+                return []
         st = self._protocol_stream(stream_id)
         if st is None:
             if 0 < stream_id <= self._last_id:
@@ -280,6 +285,21 @@ class TunnelServerProtocol(Connection[ServerToClient]):
     def _expect_data(st: StreamState) -> None:
         if not st.receiving:
             raise StreamFault(Status.INTERNAL, "tunnel client sent on a half-closed stream")
+
+    def _abandon(self, st: StreamState) -> None:
+        """The client cancelled a stream whose ``close_stream`` is queued.
+
+        The application is done with it, but responses may still wait for
+        window the client will now never give: drop them, so the stream
+        does not hold its data (and its table entry) for the tunnel's life.
+        The queued ``close_stream`` still goes out; the client ignores it.
+        """
+        kept = [item for item in st.pending if not isinstance(item, OutboundMessage)]
+        st.pending.clear()
+        st.pending.extend(kept)
+        self._schedule(st)
+        if not st.pending and not st.scheduled:
+            self._forget(st)
 
     def _reset(self, st: StreamState, status: Status, message: str) -> StreamReset:
         """End a stream now: unsent responses are dropped, the status goes out.
