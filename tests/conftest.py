@@ -8,7 +8,11 @@ Every integration test runs against a real ``grpclib.server.Server`` on
 - ``forward-*``: a forward tunnel opened over such a channel, with flow
   control on both sides (``fc``), off on both (``nofc``), or off on only one
   side (``clientnofc``, ``servernofc``: the two ends must then agree on
-  protocol revision zero during negotiation).
+  protocol revision zero during negotiation);
+- ``reverse-*``: the test's process also plays a device that dialed in: a
+  ``ReverseTunnelServer`` serves the test service over a reverse tunnel, and
+  the channel is the server's ``ReverseChannel`` to it;
+- ``reverse-in-forward`` / ``forward-in-reverse``: tunnels nested both ways.
 
 pytest-asyncio runs a fixture's setup, the test, and the fixture's teardown
 in three different tasks. Anything that must be entered and exited in one
@@ -83,8 +87,12 @@ class Mode:
 
     name: str
     tunneled: bool
+    #: Flow control off at the *tunnel* client / tunnel server (for a reverse
+    #: tunnel the tunnel client is the network server).
     client_disables_flow_control: bool = False
     server_disables_flow_control: bool = False
+    #: "forward", "reverse", "reverse-in-forward" or "forward-in-reverse".
+    kind: str = "forward"
 
     def __str__(self) -> str:
         return self.name
@@ -98,6 +106,10 @@ MODES = (
     Mode("forward-nofc", True, True, True),
     Mode("forward-clientnofc", True, True, False),
     Mode("forward-servernofc", True, False, True),
+    Mode("reverse-fc", True, kind="reverse"),
+    Mode("reverse-nofc", True, True, True, kind="reverse"),
+    Mode("reverse-in-forward", True, kind="reverse-in-forward"),
+    Mode("forward-in-reverse", True, kind="forward-in-reverse"),
 )
 
 
@@ -124,27 +136,41 @@ def _listening_socket() -> socket.socket:
     return sock
 
 
-StartServer = Callable[..., Awaitable[int]]
-
-
-@pytest.fixture
-async def start_server() -> AsyncIterator[StartServer]:
+class StartServer:
     """A factory: ``port = await start_server(services, tunnel_options=...)``.
 
     Starts a grpclib server on 127.0.0.1 (port 0) serving *services* and, when
     *tunnel_options* is given, also ``tunnel.TunnelServiceHandler(services,
     options=tunnel_options)``, so the same services answer directly and inside
-    forward tunnels. Every server is closed when the test ends.
+    forward tunnels, and reverse tunnels are accepted. With *inner_reverse*,
+    the forward tunnels also carry a second ``TunnelServiceHandler`` that
+    accepts reverse tunnels opened *inside* a forward tunnel.
     """
-    servers: list[grpclib.server.Server] = []
 
-    async def start(
-        services: Iterable[Any], *, tunnel_options: tunnel.TunnelOptions | None = None
+    def __init__(self) -> None:
+        self.servers: list[grpclib.server.Server] = []
+        #: The tunnel handler of each server, by port.
+        self.tunnel_handlers: dict[int, tunnel.TunnelServiceHandler] = {}
+        #: The handler for reverse tunnels nested in forward ones, by port.
+        self.inner_handlers: dict[int, tunnel.TunnelServiceHandler] = {}
+
+    async def __call__(
+        self,
+        services: Iterable[Any],
+        *,
+        tunnel_options: tunnel.TunnelOptions | None = None,
+        inner_reverse: bool = False,
     ) -> int:
         services = list(services)
         handlers: list[Any] = list(services)
+        tunnel_handler = inner = None
         if tunnel_options is not None:
-            handlers.append(tunnel.TunnelServiceHandler(services, options=tunnel_options))
+            tunneled = list(services)
+            if inner_reverse:
+                inner = tunnel.TunnelServiceHandler(options=tunnel_options)
+                tunneled.append(inner)
+            tunnel_handler = tunnel.TunnelServiceHandler(tunneled, options=tunnel_options)
+            handlers.append(tunnel_handler)
         server = grpclib.server.Server(handlers)
         sock = _listening_socket()
         try:
@@ -152,15 +178,24 @@ async def start_server() -> AsyncIterator[StartServer]:
         except BaseException:
             sock.close()
             raise
-        servers.append(server)
+        self.servers.append(server)
         port: int = sock.getsockname()[1]
+        if tunnel_handler is not None:
+            self.tunnel_handlers[port] = tunnel_handler
+        if inner is not None:
+            self.inner_handlers[port] = inner
         return port
 
+
+@pytest.fixture
+async def start_server() -> AsyncIterator[StartServer]:
+    """See :class:`StartServer`; every server is closed when the test ends."""
+    start = StartServer()
     yield start
-    for server in servers:
+    for server in start.servers:
         server.close()
     async with asyncio.timeout(FIXTURE_TIMEOUT):
-        for server in servers:
+        for server in start.servers:
             await server.wait_closed()
 
 
@@ -172,15 +207,25 @@ def server_tunnel_options(mode: Mode) -> tunnel.TunnelOptions:
     """The tunnel handler options a server for *mode* uses.
 
     The ``direct`` mode's server serves the tunnel handler too (with default
-    options), so that every mode talks to the same kind of server.
+    options), so that every mode talks to the same kind of server. For a
+    reverse tunnel the network server is the tunnel *client*.
     """
-    return make_tunnel_options(disable_flow_control=mode.server_disables_flow_control)
+    disable = (
+        mode.client_disables_flow_control
+        if mode.kind == "reverse"
+        else mode.server_disables_flow_control
+    )
+    return make_tunnel_options(disable_flow_control=disable)
 
 
 @pytest.fixture
 async def server(start_server: StartServer, mode: Mode) -> int:
     """Port of a server serving :class:`TestService` directly and in tunnels."""
-    return await start_server([TestService()], tunnel_options=server_tunnel_options(mode))
+    return await start_server(
+        [TestService()],
+        tunnel_options=server_tunnel_options(mode),
+        inner_reverse=mode.kind == "reverse-in-forward",
+    )
 
 
 # -- channels -------------------------------------------------------------------------
@@ -222,6 +267,37 @@ async def _hold_open(
         return await asyncio.shield(entered)
 
 
+@contextlib.asynccontextmanager
+async def reverse_tunnel(
+    channel: grpclib.client.Channel,
+    services: Iterable[Any],
+    handler: tunnel.TunnelServiceHandler,
+    options: tunnel.TunnelOptions,
+    metadata: dict[str, str] | None = None,
+) -> AsyncIterator[tunnel.ReverseChannel]:
+    """Serve *services* over a reverse tunnel to *handler*'s server.
+
+    Yields the server side's ``ReverseChannel`` of all its reverse tunnels,
+    once this tunnel is in it; closes the tunnel on exit.
+    """
+    device = tunnel.ReverseTunnelServer(channel, list(services), options=options)
+    serving = asyncio.create_task(device.serve(metadata), name="reverse tunnel")
+    reverse_channel = handler.as_channel()
+    ready = asyncio.create_task(reverse_channel.wait_ready())
+    try:
+        async with asyncio.timeout(FIXTURE_TIMEOUT):
+            await asyncio.wait({serving, ready}, return_when=asyncio.FIRST_COMPLETED)
+        if serving.done():
+            serving.result()  # the tunnel could not be opened: raise why
+            raise AssertionError("reverse tunnel ended before it was ready")
+        yield reverse_channel
+    finally:
+        ready.cancel()
+        device.close()
+        async with asyncio.timeout(FIXTURE_TIMEOUT):
+            await asyncio.gather(serving, ready, return_exceptions=True)
+
+
 OpenChannel = Callable[..., Awaitable[grpclib.client.Channel]]
 
 
@@ -237,7 +313,6 @@ async def open_channel(start_server: StartServer) -> AsyncIterator[OpenChannel]:
     ``Server.close()`` does not end open calls, so a tunnel still open then
     would hang).
     """
-    del start_server  # only needed for the teardown order
     async with contextlib.AsyncExitStack() as stack:
 
         async def open_(port: int, mode: Mode = DIRECT) -> grpclib.client.Channel:
@@ -245,6 +320,29 @@ async def open_channel(start_server: StartServer) -> AsyncIterator[OpenChannel]:
             stack.callback(direct.close)
             if not mode.tunneled:
                 return direct
+            if mode.kind == "reverse":
+                device = tunnel.TunnelOptions(
+                    disable_flow_control=mode.server_disables_flow_control
+                )
+                handler = start_server.tunnel_handlers[port]
+                return await _hold_open(
+                    reverse_tunnel(direct, [TestService()], handler, device), stack
+                )
+            if mode.kind == "reverse-in-forward":
+                outer = await _hold_open(tunnel.open_tunnel(direct), stack)
+                handler = start_server.inner_handlers[port]
+                return await _hold_open(
+                    reverse_tunnel(outer, [TestService()], handler, tunnel.TunnelOptions()), stack
+                )
+            if mode.kind == "forward-in-reverse":
+                handler = start_server.tunnel_handlers[port]
+                device_services = [tunnel.TunnelServiceHandler([TestService()])]
+                reverse = await _hold_open(
+                    reverse_tunnel(direct, device_services, handler, tunnel.TunnelOptions()), stack
+                )
+                tunneled = await _hold_open(tunnel.open_tunnel(reverse), stack)
+                assert isinstance(tunneled, tunnel.TunnelChannel)
+                return tunneled
             options = make_tunnel_options(disable_flow_control=mode.client_disables_flow_control)
             tunneled = await _hold_open(tunnel.open_tunnel(direct, options=options), stack)
             # A test that silently fell back to a direct channel would prove nothing.
