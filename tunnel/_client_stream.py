@@ -279,8 +279,20 @@ class TunnelClientStream(
                 partial.append(data)
             if self._end is not None:
                 self._raise_if_abrupt()
+                if self._end[0] is not None and not self._outgoing_ended():
+                    # grpclib's server resets a call it failed, so a caller
+                    # still sending sees the status here, not a bare end of
+                    # stream followed by "Outgoing stream was not ended".
+                    if not self._recv_trailing_metadata_done:
+                        await self._finish_trailers()
+                    raise status_error(self._end[0], self._status_details_codec)
                 return None
             await self._wait_change()
+
+    def _outgoing_ended(self) -> bool:
+        return self._end_done or (
+            not self._cardinality.value.client_streaming and self._send_message_done
+        )
 
     async def recv_trailing_metadata(self) -> None:
         if not self._end_done and not (
