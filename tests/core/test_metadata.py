@@ -1,0 +1,219 @@
+"""Metadata: what travels, how binary values travel, and what fails only a call."""
+
+from __future__ import annotations
+
+import pytest
+from grpclib.const import Status
+
+from tunnel._core.metadata import MetadataError
+
+from .helpers import (
+    BIDI,
+    METHODS,
+    UNARY,
+    Pair,
+    close,
+    drain_client,
+    drain_server,
+    ended,
+    negotiated_client,
+    negotiated_server,
+    new_stream,
+    opened,
+    response_headers,
+    status,
+)
+
+RESERVED = [
+    (":authority", "example"),
+    (":path", "/x/y"),
+    ("content-type", "application/grpc"),
+    ("user-agent", "grpc-go/1.75.1"),
+    ("te", "trailers"),
+    ("grpc-status", "0"),
+    ("grpc-message", "hi"),
+    ("grpc-timeout", "1S"),
+]
+
+
+def test_reserved_headers_are_never_copied_into_new_stream() -> None:
+    client = negotiated_client()
+    client.open_stream(UNARY, [*RESERVED, ("x-app", "kept")], METHODS[UNARY])
+    (frame,) = drain_client(client)
+    assert dict(frame.new_stream.request_headers.md) == {
+        "x-app": frame.new_stream.request_headers.md["x-app"]
+    }
+    assert list(frame.new_stream.request_headers.md["x-app"].val) == ["kept"]
+
+
+def test_reserved_headers_are_never_copied_into_response_frames() -> None:
+    server = negotiated_server()
+    server.receive_frame(new_stream(1))
+    server.send_headers(1, [*RESERVED, ("x-h", "1")])
+    server.close_stream(1, None, [*RESERVED, ("x-t", "2")])
+    headers, closing = drain_server(server)
+    assert set(headers.response_headers.md) == {"x-h"}
+    assert set(closing.close_stream.response_trailers.md) == {"x-t"}
+
+
+def test_reserved_headers_arriving_are_not_shown_to_the_app() -> None:
+    server = negotiated_server()
+    headers = {key: [value] for key, value in RESERVED if key != "grpc-timeout"}
+    event = opened(server.receive_frame(new_stream(1, headers={**headers, "x-a": ["1"]})))
+    assert event.metadata == (("x-a", "1"),)
+
+
+def test_request_metadata_crosses_in_order_with_repeated_keys() -> None:
+    pair = Pair()
+    pair.open(UNARY, [("x-req-single", "alpha"), ("x-req-multi", "one"), ("x-req-multi", "two")])
+    event = opened(pair.server_events)
+    assert sorted(event.metadata) == [
+        ("x-req-multi", "one"),
+        ("x-req-multi", "two"),
+        ("x-req-single", "alpha"),
+    ]
+    assert [v for k, v in event.metadata if k == "x-req-multi"] == ["one", "two"]
+
+
+def test_binary_values_travel_raw_not_base64() -> None:
+    client = negotiated_client()
+    client.open_stream(UNARY, [("x-req-data-bin", b"\x00\x01\x02\x03")], METHODS[UNARY])
+    (frame,) = drain_client(client)
+    # The reference sends these bytes as a 4-character string.
+    assert list(frame.new_stream.request_headers.md["x-req-data-bin"].val) == ["\x00\x01\x02\x03"]
+
+
+def test_binary_values_arrive_as_bytes() -> None:
+    pair = Pair()
+    stream_id = pair.open(UNARY, [("x-req-data-bin", b"\x00\x01\x02\x03")])
+    assert opened(pair.server_events).metadata == (("x-req-data-bin", b"\x00\x01\x02\x03"),)
+    pair.server.send_headers(stream_id, [("x-h-bin", "\u00e9".encode())])
+    pair.server.close_stream(stream_id, None, [("x-t-bin", b"\x7f")])
+    client_events, _ = pair.pump()
+    assert client_events[0].metadata == (("x-h-bin", b"\xc3\xa9"),)  # type: ignore[union-attr]
+    assert ended(client_events).trailers == (("x-t-bin", b"\x7f"),)
+
+
+NOT_UTF8 = b"\xff\xfe\x00\x01"
+
+
+def test_non_utf8_request_header_fails_only_that_call() -> None:
+    pair = Pair()
+    with pytest.raises(MetadataError, match="not valid UTF-8"):
+        pair.client.open_stream(UNARY, [("x-raw-bin", NOT_UTF8)], METHODS[UNARY])
+    assert drain_client(pair.client) == []
+    # The tunnel and the next call are fine, and no id was used up.
+    assert pair.open(UNARY) == 1
+
+
+def test_non_utf8_response_header_raises_and_queues_nothing() -> None:
+    pair = Pair()
+    stream_id = pair.open(UNARY)
+    with pytest.raises(MetadataError):
+        pair.server.send_headers(stream_id, [("x-raw-bin", NOT_UTF8)])
+    assert drain_server(pair.server) == []
+    assert pair.server.is_open(stream_id)
+    # The app fails the call instead; the client sees a status, the tunnel lives.
+    pair.server.close_stream(stream_id, status(Status.INTERNAL, "bad header"))
+    client_events, _ = pair.pump()
+    assert ended(client_events).status.code == Status.INTERNAL.value  # type: ignore[union-attr]
+    assert pair.open(UNARY) == stream_id + 1
+
+
+def test_non_utf8_trailer_raises_and_the_stream_can_close_again() -> None:
+    pair = Pair()
+    stream_id = pair.open(UNARY)
+    with pytest.raises(MetadataError):
+        pair.server.close_stream(stream_id, None, [("x-raw-bin", NOT_UTF8)])
+    assert drain_server(pair.server) == []
+    pair.server.close_stream(stream_id, status(Status.INTERNAL, "bad trailer"))
+    client_events, _ = pair.pump()
+    assert ended(client_events).status.code == Status.INTERNAL.value  # type: ignore[union-attr]
+
+
+def test_oversize_request_metadata_is_refused_on_send() -> None:
+    client = negotiated_client(max_metadata_size=100)
+    with pytest.raises(MetadataError, match="limit"):
+        client.open_stream(UNARY, [("x-big", "v" * 200)], METHODS[UNARY])
+    assert drain_client(client) == []
+
+
+def test_oversize_request_headers_arriving_fail_the_stream_not_the_tunnel() -> None:
+    server = negotiated_server(max_metadata_size=1_000)
+    assert server.receive_frame(new_stream(1, headers={"x-big": ["v" * 5_000_000]})) == []
+    (frame,) = drain_server(server)
+    assert frame.close_stream.status.code == Status.INVALID_ARGUMENT.value
+    assert opened(server.receive_frame(new_stream(2))).stream_id == 2
+
+
+def test_many_small_headers_over_the_limit_fail_the_stream() -> None:
+    server = negotiated_server(max_metadata_size=1_000)
+    headers = {f"x-k{i}": ["v" * 10] for i in range(200)}
+    assert server.receive_frame(new_stream(1, headers=headers)) == []
+    (frame,) = drain_server(server)
+    assert frame.close_stream.status.code == Status.INVALID_ARGUMENT.value
+
+
+def test_oversize_response_headers_fail_the_stream_not_the_tunnel() -> None:
+    client = negotiated_client(max_metadata_size=1_000)
+    client.open_stream(BIDI, (), METHODS[BIDI])
+    drain_client(client)
+    event = ended(client.receive_frame(response_headers(1, {"x-big": ["v" * 100_000]})))
+    assert event.reset
+    assert event.status is not None and event.status.code == Status.INTERNAL.value
+    assert client.open_stream(UNARY, (), METHODS[UNARY]) == 2
+
+
+def test_oversize_trailers_end_the_stream_with_an_error() -> None:
+    client = negotiated_client(max_metadata_size=1_000)
+    client.open_stream(UNARY, (), METHODS[UNARY])
+    drain_client(client)
+    frame = close(1)
+    frame.close_stream.response_trailers.md["x-big"].val.append("v" * 100_000)
+    event = ended(client.receive_frame(frame))
+    assert event.status is not None and event.status.code == Status.INTERNAL.value
+    assert event.trailers == ()
+
+
+def test_invalid_metadata_key_arriving_fails_the_stream() -> None:
+    server = negotiated_server()
+    assert server.receive_frame(new_stream(1, headers={"X-Upper": ["v"]})) == []
+    (frame,) = drain_server(server)
+    assert frame.close_stream.status.code == Status.INVALID_ARGUMENT.value
+
+
+# -- grpc-timeout ------------------------------------------------------------------
+
+
+def test_timeout_travels_as_grpc_timeout_and_is_parsed() -> None:
+    pair = Pair()
+    pair.open(UNARY, timeout=0.25)
+    assert list(pair.c2s[-1].new_stream.request_headers.md["grpc-timeout"].val) == ["250m"]
+    event = opened(pair.server_events)
+    assert event.timeout == pytest.approx(0.25)
+    assert event.metadata == ()
+
+
+@pytest.mark.parametrize(
+    ("values", "seconds"),
+    [(["250m"], 0.25), (["2S"], 2.0), (["1M"], 60.0), (["100u"], 1e-4), (["5S", "1S"], 1.0)],
+)
+def test_grpc_timeout_header_from_the_reference_is_parsed(
+    values: list[str], seconds: float
+) -> None:
+    server = negotiated_server()
+    event = opened(server.receive_frame(new_stream(1, headers={"grpc-timeout": values})))
+    assert event.timeout == pytest.approx(seconds)
+
+
+def test_no_grpc_timeout_means_no_deadline() -> None:
+    server = negotiated_server()
+    assert opened(server.receive_frame(new_stream(1))).timeout is None
+
+
+def test_ill_formed_grpc_timeout_fails_the_stream() -> None:
+    server = negotiated_server()
+    assert server.receive_frame(new_stream(1, headers={"grpc-timeout": ["soon"]})) == []
+    (frame,) = drain_server(server)
+    assert frame.close_stream.status.code == Status.INVALID_ARGUMENT.value
+    assert opened(server.receive_frame(new_stream(2)))
