@@ -20,6 +20,7 @@ from grpclib.const import Cardinality
 from grpclib.encoding.base import CodecBase, StatusDetailsCodecBase
 from grpclib.encoding.proto import ProtoCodec, ProtoStatusDetailsCodec
 from grpclib.events import _DispatchChannelEvents
+from grpclib.exceptions import StreamTerminatedError
 from grpclib.metadata import Deadline, _Metadata, _MetadataLike
 from grpclib.protocol import Peer
 from multidict import MultiDict
@@ -142,6 +143,7 @@ class _ForwardCarrier:
         self._stream = stream
         self.peer: Peer | None = stream.peer
         self._ended = False
+        self._finished = False
 
     async def send(self, frame: ClientToServer) -> None:
         await self._stream.send_message(frame)
@@ -156,9 +158,18 @@ class _ForwardCarrier:
 
     async def finish(self) -> None:
         await self._stream.recv_trailing_metadata()
+        self._finished = True
 
     async def aclose(self) -> None:
-        await self._stream.__aexit__(None, None, None)
+        if self._finished:
+            await self._stream.__aexit__(None, None, None)
+            return
+        # Not finished: grpclib's normal exit would wait for trailers that may
+        # never come (the peer is gone or stuck). Exiting with an error makes
+        # it reset the stream instead.
+        gone = StreamTerminatedError("tunnel closed")
+        with contextlib.suppress(StreamTerminatedError):
+            await self._stream.__aexit__(StreamTerminatedError, gone, None)
 
 
 class _OpenTunnel:
