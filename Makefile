@@ -46,8 +46,12 @@ install:
 # - tunnel/_pb: google protobuf (upb) classes for the grpctunnel.v1 frames.
 #   protoc writes grpctunnel/v1/tunnel_pb2.py; it imports only google.protobuf
 #   and google.rpc, never a sibling, so it can be moved up flat into tunnel/_pb.
-# - tunnel/testing/_pb: betterproto 2.0.0b7 classes for grpchantesting, shipped
-#   with tunnel.testing.
+# - tunnel/testing/_pb: betterproto 2.0.0b7 classes for grpchantesting and for
+#   the package-less grpctunnel/testing/testing.proto (TunnelTestService, the
+#   reference's interop trigger), shipped with tunnel.testing. betterproto puts
+#   a file without a package in the output root, so the trigger service's
+#   classes are tunnel/testing/_pb/__init__.py itself; its stub still calls
+#   /TunnelTestService/TriggerTestRPCs, as the contract says.
 # - tests/stubs/bp2: betterproto2 classes, to test that betterproto2 stubs and
 #   services run over the tunnel as they are generated.
 # - tests/stubs/pb: google protobuf classes plus grpclib's own stubs
@@ -69,7 +73,8 @@ proto:
 	run() { "$$@" 2> "$$tmp/err" || { cat "$$tmp/err" >&2; return 1; }; grep -v '^Writing ' "$$tmp/err" >&2 || true; }
 	mkdir -p "$$tmp"/{pb,bp,bp2,stubs}
 	run $$protoc --python_out="$$tmp/pb" --pyi_out="$$tmp/pb" proto/grpctunnel/v1/tunnel.proto
-	run $$protoc --python_betterproto_out="$$tmp/bp" proto/grpchantesting/test.proto
+	run $$protoc --python_betterproto_out="$$tmp/bp" \
+	    proto/grpchantesting/test.proto proto/grpctunnel/testing/testing.proto
 	run $$protoc --python_betterproto2_out="$$tmp/bp2" \
 	    --python_betterproto2_opt=client_generation=async,server_generation=async \
 	    proto/grpchantesting/test.proto
