@@ -343,3 +343,15 @@ def test_the_api_refuses_a_second_message_on_unary() -> None:
     pair.server.send_message(stream_id, b"one")
     with pytest.raises(LocalProtocolError):
         pair.server.send_message(stream_id, b"two")
+
+
+def test_stream_failed_before_its_new_stream_went_out_sends_nothing() -> None:
+    # Found by test_hypothesis: a broken server names a stream whose
+    # new_stream is still queued.  Ending it must not send a cancel for an id
+    # the server never saw: that would make the server abort the tunnel.
+    client = negotiated_client()
+    client.open_stream(BIDI, (), METHODS[BIDI])
+    event = ended(client.receive_frame(ServerToClient(stream_id=1)))
+    assert event.reset
+    assert drain_client(client) == []
+    assert client._streams == {}

@@ -262,11 +262,13 @@ class TunnelClientProtocol(Connection[ClientToServer]):
             raise StreamFault(Status.INTERNAL, f"tunnel server sent bad metadata: {exc}") from None
 
     def _fail(self, st: StreamState, status: Status, message: str) -> StreamEnded:
-        """End a stream the server broke: tell the server, tell the caller."""
-        st.pending.clear()
-        st.pending.append(ClientToServer(stream_id=st.id, cancel=_EMPTY))
-        self._schedule(st)
-        self._finish(st, drop_pending=False)
+        """End a stream the server broke: tell the server, tell the caller.
+
+        Exactly like an application's cancel: if the ``new_stream`` frame
+        has not gone out yet, nothing goes out (a ``cancel`` for a stream
+        the server never saw would make it end the whole tunnel).
+        """
+        self.cancel(st.id)
         return StreamEnded(st.id, StatusProto(code=status.value, message=message), (), reset=True)
 
 
