@@ -160,20 +160,25 @@ class ServerTunnel:
                     raise
             clean = True
         finally:
-            if not self._reader.done():
-                self._reader.cancel()
+            # grpclib may cancel the serving task twice (the connection is
+            # lost, then Server.close() cancels it again): a cancellation that
+            # interrupts this cleanup must still stop the writer.
+            try:
+                if not self._reader.done():
+                    self._reader.cancel()
+                    with contextlib.suppress(BaseException):
+                        await self._reader
+                await self._cancel_handlers()
+                if clean:
+                    # Let the final close_stream frames out before the carrying
+                    # call ends; the client may still be reading.
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(self._options.close_timeout):
+                            await self.driver.drain()
+            finally:
+                writer.cancel()
                 with contextlib.suppress(BaseException):
-                    await self._reader
-            await self._cancel_handlers()
-            if clean:
-                # Let the final close_stream frames out before the carrying
-                # call ends; the client may still be reading.
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self._options.close_timeout):
-                        await self.driver.drain()
-            writer.cancel()
-            with contextlib.suppress(BaseException):
-                await writer
+                    await writer
 
     async def _write(self) -> None:
         try:

@@ -175,3 +175,126 @@ async def bounded(awaitables: Sequence[Awaitable[Any]], seconds: float) -> list[
     """Gather, failing the test if that takes longer than *seconds*."""
     async with asyncio.timeout(seconds):
         return await asyncio.gather(*awaitables, return_exceptions=True)
+
+
+# -- blocking handlers ----------------------------------------------------------------
+
+
+class Blocking:
+    """Handlers of every kind that block until cancelled, and say so.
+
+    ``started`` counts handlers that began, ``cancelled`` those that saw
+    ``CancelledError``.  ``ClientStream`` never reads, so with flow control
+    on a client sending to it blocks once the window is full.
+    """
+
+    KINDS = ("Unary", "ClientStream", "ServerStream", "BidiStream")
+
+    def __init__(self) -> None:
+        self.started = Latch()
+        self.cancelled = Latch()
+        self._never = asyncio.Event()
+
+    async def _block(self, stream: grpclib.server.Stream[Message, Message]) -> None:
+        self.started.hit()
+        try:
+            if stream.metadata is not None and stream.metadata.get("x-reply-first") == "1":
+                await stream.send_message(Message(payload=b"first"))
+            await self._never.wait()
+        except asyncio.CancelledError:
+            self.cancelled.hit()
+            raise
+
+    def service(self) -> Probe:
+        return Probe(
+            Unary=(Cardinality.UNARY_UNARY, self._block),
+            ClientStream=(Cardinality.STREAM_UNARY, self._block),
+            ServerStream=(Cardinality.UNARY_STREAM, self._block),
+            BidiStream=(Cardinality.STREAM_STREAM, self._block),
+        )
+
+
+CARDINALITY = {
+    "Unary": Cardinality.UNARY_UNARY,
+    "ClientStream": Cardinality.STREAM_UNARY,
+    "ServerStream": Cardinality.UNARY_STREAM,
+    "BidiStream": Cardinality.STREAM_STREAM,
+}
+
+
+async def call_until_it_ends(
+    channel: grpclib.client.Channel, kind: str, *, flood: bool = False
+) -> BaseException | None:
+    """Make one call of *kind* to a ``Blocking`` handler; return how it ended.
+
+    With *flood*, a client-streaming call keeps sending 16 KB messages (and
+    so blocks on a full window); otherwise each call sends one message and
+    waits for the reply.
+    """
+    try:
+        async with probe_call(channel, kind, CARDINALITY[kind]) as stream:
+            if flood:
+                while True:
+                    await stream.send_message(Message(payload=b"\x05" * 16_000))
+            await stream.send_message(Message(payload=b"hello"))
+            await stream.recv_message()
+            await stream.recv_message()
+    except Exception as exc:
+        return exc
+    return None
+
+
+# -- a TCP proxy whose connections the test can cut ---------------------------------
+
+
+class Proxy:
+    """Forwards 127.0.0.1 connections to a port; ``cut()`` aborts them all."""
+
+    def __init__(self, target_port: int) -> None:
+        self._target = target_port
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.port = 0
+
+    async def __aenter__(self) -> Proxy:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        self._writers.append(writer)
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self._target)
+            self._writers.append(up_writer)
+            await asyncio.gather(
+                self._pump(reader, up_writer), self._pump(up_reader, writer), return_exceptions=True
+            )
+        finally:
+            self._tasks.discard(task)
+
+    @staticmethod
+    async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        finally:
+            writer.transport.abort()
+
+    def cut(self) -> None:
+        """Abort every connection at once (no FIN, no goodbye)."""
+        for writer in self._writers:
+            writer.transport.abort()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        self.cut()
+        async with asyncio.timeout(5):
+            await self._server.wait_closed()
+            while self._tasks:
+                await asyncio.gather(*self._tasks, return_exceptions=True)
