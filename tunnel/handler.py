@@ -9,6 +9,8 @@ calls, as they would on a ``Server`` for direct ones.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Collection, Hashable, Mapping
 from typing import Any
 
@@ -46,6 +48,14 @@ class _ServerCarrier:
 
     async def recv(self) -> ClientToServer | None:
         return await self._stream.recv_message()
+
+
+async def _end_carrying_call(stream: grpclib.server.Stream[Any, Any], timeout: float) -> None:
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(timeout):
+            await stream.send_trailing_metadata(
+                status=Status.UNAVAILABLE, status_message="the tunnel's server is shutting down"
+            )
 
 
 class TunnelServiceHandler:
@@ -149,6 +159,15 @@ class TunnelServiceHandler:
             await tunnel.serve()
         except RemoteProtocolError as exc:
             raise GRPCError(Status.INTERNAL, f"tunnel protocol error: {exc}") from None
+        except asyncio.CancelledError:
+            # grpclib's Server.close() cancels handlers and sends nothing, and
+            # the connection stays open: the tunnel client, and every call in
+            # it, would wait forever.  The handlers are cancelled by now and
+            # the frame writer stopped, so end the carrying call with a
+            # status ourselves.  If the client reset the call, this fails
+            # quietly.
+            await _end_carrying_call(stream, self._options.close_timeout)
+            raise
         finally:
             self._tunnels.discard(tunnel)
 

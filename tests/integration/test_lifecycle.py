@@ -103,6 +103,29 @@ async def test_leaving_open_tunnel_closes_it() -> None:
 
 
 @pytest.mark.parametrize("disable_fc", FLOW_CONTROL, ids=fc_id)
+async def test_server_close_ends_every_call(disable_fc: bool) -> None:
+    """``Server.close()`` on the network server: grpclib sends nothing, yet no call hangs."""
+    blocking = Blocking()
+    opts = options(disable_flow_control=disable_fc)
+    handler = tunnel.TunnelServiceHandler([blocking.service()], options=opts)
+    async with (
+        asyncio.timeout(TEST_TIMEOUT),
+        serving([handler]) as served,
+        tunnel_over(served.port, opts=opts) as channel,
+    ):
+        calls = await start_blocked_calls(channel, blocking, flood=True)
+
+        served.server.close()
+        async with asyncio.timeout(PROMPTLY):
+            outcomes = await asyncio.gather(*calls)
+            await channel.wait_closed()
+        assert_ended_with_status(outcomes, ENDED)
+        assert blocking.cancelled.count == len(calls)
+        assert channel.closed
+        assert channel.error is not None
+
+
+@pytest.mark.parametrize("disable_fc", FLOW_CONTROL, ids=fc_id)
 async def test_connection_cut_ends_every_call(disable_fc: bool) -> None:
     blocking = Blocking()
     opts = options(disable_flow_control=disable_fc)
