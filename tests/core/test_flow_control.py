@@ -179,6 +179,7 @@ def test_no_window_update_after_the_stream_finished() -> None:
 
     client = negotiated_client()
     client.open_stream(SERVER_STREAM, (), METHODS[SERVER_STREAM])
+    drain_client(client)
     client.receive_frame(response(1, b"abc"))
     client.receive_frame(ServerToClient(stream_id=1, close_stream={}))
     drain_client(client)
@@ -282,6 +283,7 @@ def test_overflowing_window_update_is_capped_and_nothing_breaks() -> None:
 
     client = negotiated_client()
     client.open_stream(BIDI, (), METHODS[BIDI])
+    drain_client(client)
     for _ in range(3):
         assert client.receive_frame(server_window_update(1, 2**32 - 1)) == []
     client.send_message(1, b"y" * 40_000)

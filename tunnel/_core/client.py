@@ -156,7 +156,7 @@ class TunnelClientProtocol(Connection[ClientToServer]):
         st = self._streams.get(stream_id)
         if st is None or st.finished:
             return
-        announced = not (st.pending and _is_new_stream(st.pending[0]))
+        announced = not _unannounced(st)
         st.pending.clear()
         if announced:
             st.pending.append(ClientToServer(stream_id=stream_id, cancel=_EMPTY))
@@ -175,6 +175,14 @@ class TunnelClientProtocol(Connection[ClientToServer]):
         if self.revision is None:
             return [self._negotiate(frame, kind)]
         stream_id = frame.stream_id
+        queued = self._streams.get(stream_id)
+        if queued is not None and _unannounced(queued):
+            # Our new_stream for it has not even been written: the server
+            # cannot know this id, so it is making frames up.
+            raise RemoteProtocolError(
+                f"tunnel server sent a {kind or 'empty'} frame for stream {stream_id}, "
+                "whose new_stream was never sent"
+            )
         if kind == "window_update":
             return self._window_update_received(stream_id, frame.window_update)
         st = self._protocol_stream(stream_id)
@@ -272,5 +280,11 @@ class TunnelClientProtocol(Connection[ClientToServer]):
         return StreamEnded(st.id, StatusProto(code=status.value, message=message), (), reset=True)
 
 
-def _is_new_stream(item: object) -> bool:
-    return isinstance(item, ClientToServer) and item.HasField("new_stream")
+def _unannounced(st: StreamState) -> bool:
+    """True while a stream's new_stream frame still waits in its queue.
+
+    new_stream is queued first and leaves first, so it is at the head of the
+    queue until the writer pulls it.
+    """
+    head = st.pending[0] if st.pending else None
+    return isinstance(head, ClientToServer) and head.HasField("new_stream")
