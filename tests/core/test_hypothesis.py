@@ -1,0 +1,332 @@
+"""Property tests: hostile frame sequences never break a protocol object.
+
+Random sequences of frames (well-formed, ill-formed and hostile) are fed to
+one end, interleaved with random actions of its application.  Stream ids are
+drawn mostly from the ids in play (so that sequences get deep into stream
+life cycles) and sometimes at random (so that they also hit unknown,
+negative and reused ids).  Whatever arrives, the only exception allowed out
+of ``receive_frame`` is ``RemoteProtocolError`` (the tunnel ends), and after
+every step:
+
+* no stream id is in the stream table that was never opened;
+* no frame goes out for a stream after its ``close_stream``/``cancel``, and
+  a client sends nothing for a stream before its ``new_stream``;
+* every stream gets at most one ending.
+
+At the end the application closes everything and the peer opens every
+window: then each stream the server ever saw has had exactly one
+``close_stream`` (refused ones included), and both stream tables are empty.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from google.protobuf.empty_pb2 import Empty
+from grpclib.const import Status
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from tunnel._core.events import DataReceived, StreamEnded, StreamOpened, StreamReset
+from tunnel._pb.tunnel_pb2 import ClientToServer, MessageData, ServerToClient
+from tunnel.errors import RemoteProtocolError
+
+from .helpers import (
+    METHODS,
+    close,
+    negotiated_client,
+    negotiated_server,
+    new_stream,
+    response_headers,
+    status,
+)
+from .helpers import (
+    settings as settings_frame,
+)
+
+SETTINGS = settings(
+    max_examples=200,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+
+ANY_ID = st.integers(min_value=-3, max_value=12)
+SIZES = st.one_of(st.integers(0, 40_000), st.just(2**32 - 1))
+DATA = st.one_of(st.binary(max_size=32), st.integers(0, 20_000).map(lambda n: b"d" * n))
+WINDOWS = st.one_of(st.integers(0, 70_000), st.just(2**32 - 1))
+METHOD_NAMES = st.sampled_from([*METHODS, "", "/malformed", "/no.Such/Method", "test.Svc/Unary"])
+
+
+def draw_id(data: st.DataObject, in_play: list[int]) -> int:
+    """Mostly an id in play, sometimes any id at all."""
+    if in_play and data.draw(st.integers(0, 24)):
+        return data.draw(st.sampled_from(in_play))
+    return data.draw(ANY_ID)
+
+
+# -- server ---------------------------------------------------------------------------
+
+
+def draw_client_frame(data: st.DataObject, seen: list[int]) -> ClientToServer:
+    last = max(seen, default=0)
+    kind = (
+        "new_stream"
+        if not seen
+        else data.draw(
+            st.sampled_from(
+                ["new_stream"] * 3
+                + ["request_message"] * 3
+                + ["more_request_data", "half_close", "cancel", "window_update", "empty"]
+            )
+        )
+    )
+    if kind == "new_stream":
+        sid = draw_id(data, [last + 1] * 4 + [last + 3])
+        return new_stream(
+            sid,
+            data.draw(METHOD_NAMES),
+            revision=data.draw(st.sampled_from([0, 1, 1, 1, 2])),
+            window=data.draw(st.sampled_from([0, 10, 65_536, 65_536, 2**32 - 1])),
+            headers=data.draw(
+                st.sampled_from([None, {"x-a": ["1"]}, {"grpc-timeout": ["1S"]}, {"BAD": ["v"]}])
+            ),
+        )
+    sid = draw_id(data, seen)
+    if kind == "request_message":
+        message = MessageData(size=data.draw(SIZES), data=data.draw(DATA))
+        if data.draw(st.booleans()):
+            message.size = len(message.data)
+        return ClientToServer(stream_id=sid, request_message=message)
+    if kind == "more_request_data":
+        return ClientToServer(stream_id=sid, more_request_data=data.draw(DATA))
+    if kind == "half_close":
+        return ClientToServer(stream_id=sid, half_close=Empty())
+    if kind == "cancel":
+        return ClientToServer(stream_id=sid, cancel=Empty())
+    if kind == "window_update":
+        return ClientToServer(stream_id=sid, window_update=data.draw(WINDOWS))
+    return ClientToServer(stream_id=sid)
+
+
+def server_app_step(
+    data: st.DataObject, server: Any, opened: list[int], unread: Counter[int]
+) -> int | None:
+    """One random action of the server's application; returns frames to pull."""
+    action = data.draw(
+        st.sampled_from(["headers", "send", "send", "close", "ack", "ack", "pull", "shutdown"])
+    )
+    if action == "pull":
+        return data.draw(st.integers(0, 6))
+    if action == "shutdown":
+        if not data.draw(st.integers(0, 5)):
+            server.initiate_shutdown()
+        return None
+    sid = draw_id(data, opened)
+    if not server.is_open(sid):
+        return None
+    stream = server._streams[sid]
+    if action == "headers" and not stream.headers_done:
+        server.send_headers(sid, [("x-h", "v")])
+    elif action == "send" and (
+        stream.cardinality.value.server_streaming or not stream.sent_messages
+    ):
+        server.send_message(sid, b"r" * data.draw(st.integers(0, 70_000)))
+    elif action == "close":
+        code = data.draw(st.sampled_from([Status.OK, Status.CANCELLED, Status.INTERNAL]))
+        server.close_stream(sid, status(code) if code is not Status.OK else None)
+    elif action == "ack" and unread[sid]:
+        n = data.draw(st.integers(1, unread[sid]))
+        unread[sid] -= n
+        server.acknowledge(sid, n)
+    return None
+
+
+@SETTINGS
+@given(st.data())
+def test_server_survives_any_frame_sequence(data: st.DataObject) -> None:
+    server = negotiated_server(max_receive_message_length=50_000, max_metadata_size=1_000)
+    seen: list[int] = []  # every new_stream id taken as "above the last"
+    opened: list[int] = []  # the accepted ones
+    out: list[ServerToClient] = []
+    closed: set[int] = set()
+    unread: Counter[int] = Counter()
+
+    def pull(limit: int | None = None) -> None:
+        n = 0
+        while (limit is None or n < limit) and (frame := server.next_frame()) is not None:
+            n += 1
+            sid = frame.stream_id
+            assert sid in seen, f"frame for stream {sid}, which the client never opened"
+            assert sid not in closed, f"frame after close_stream on stream {sid}"
+            if frame.HasField("close_stream"):
+                closed.add(sid)
+            out.append(frame)
+
+    for _ in range(data.draw(st.integers(1, 40))):
+        if data.draw(st.integers(0, 2)):
+            frame = draw_client_frame(data, seen)
+            last = max(seen, default=0)
+            try:
+                events = server.receive_frame(frame)
+            except RemoteProtocolError as exc:
+                event(f"server: tunnel aborted ({str(exc).split(',')[0][:40]})")
+                return  # the tunnel ends; nothing more to check
+            if frame.HasField("new_stream"):
+                assert frame.stream_id > last
+                seen.append(frame.stream_id)
+            for e in events:
+                if isinstance(e, StreamOpened):
+                    opened.append(e.stream_id)
+                elif isinstance(e, DataReceived | StreamReset):
+                    assert e.stream_id in opened
+                if isinstance(e, DataReceived):
+                    unread[e.stream_id] += len(e.data)
+        else:
+            limit = server_app_step(data, server, opened, unread)
+            if limit is not None:
+                pull(limit)
+        assert set(server._streams) <= set(opened)
+
+    # The application closes everything; the client opens every window.
+    for sid in opened:
+        if server.is_open(sid):
+            server.close_stream(sid, None)
+    for sid in opened:
+        server.receive_frame(ClientToServer(stream_id=sid, window_update=2**31))
+    pull()
+    event(f"server: completed with {min(len(opened), 3)}+ accepted streams")
+    closes = Counter(f.stream_id for f in out if f.HasField("close_stream"))
+    assert closes == Counter(seen), "every stream the server saw gets exactly one close_stream"
+    assert not server.has_frames()
+    assert server._streams == {}
+    for sid in seen:  # headers at most once per stream, and before any message
+        kinds = [f.WhichOneof("frame") for f in out if f.stream_id == sid]
+        assert kinds.count("response_headers") <= 1
+        if "response_message" in kinds:
+            assert kinds.index("response_headers") < kinds.index("response_message")
+
+
+# -- client ---------------------------------------------------------------------------
+
+
+def draw_server_frame(data: st.DataObject, opened: list[int]) -> ServerToClient:
+    kind = data.draw(
+        st.sampled_from(
+            ["response_message"] * 3
+            + ["response_headers", "more_response_data", "close_stream", "close_stream"]
+            + ["window_update", "settings", "empty"]
+        )
+    )
+    sid = draw_id(data, opened)
+    if kind == "response_message":
+        message = MessageData(size=data.draw(SIZES), data=data.draw(DATA))
+        if data.draw(st.booleans()):
+            message.size = len(message.data)
+        return ServerToClient(stream_id=sid, response_message=message)
+    if kind == "response_headers":
+        md = data.draw(
+            st.sampled_from([None, {"x-a": ["1"]}, {"BAD": ["1"]}, {"x-b": ["v" * 2_000]}])
+        )
+        return response_headers(sid, md)
+    if kind == "more_response_data":
+        return ServerToClient(stream_id=sid, more_response_data=data.draw(DATA))
+    if kind == "close_stream":
+        return close(sid, data.draw(st.sampled_from([Status.OK, Status.UNKNOWN, Status.INTERNAL])))
+    if kind == "window_update":
+        return ServerToClient(stream_id=sid, window_update=data.draw(WINDOWS))
+    if kind == "settings":
+        return settings_frame(*data.draw(st.lists(st.integers(0, 3), max_size=3)), stream_id=sid)
+    return ServerToClient(stream_id=sid)
+
+
+def client_app_step(
+    data: st.DataObject, client: Any, opened: list[int], unread: Counter[int]
+) -> int | None:
+    """One random action of the client's application; returns frames to pull."""
+    action = data.draw(
+        st.sampled_from(["open", "open", "send", "send", "half_close", "cancel", "ack", "pull"])
+    )
+    if action == "pull":
+        return data.draw(st.integers(0, 6))
+    if action == "open":
+        method = data.draw(st.sampled_from(sorted(METHODS)))
+        sid = int(client.open_stream(method, (), METHODS[method]))
+        assert sid == max(opened, default=0) + 1
+        opened.append(sid)
+        return None
+    sid = draw_id(data, opened)
+    if not client.is_open(sid):
+        return None
+    stream = client._streams[sid]
+    if action == "send" and stream.sending:
+        if stream.cardinality.value.client_streaming or not stream.sent_messages:
+            client.send_message(sid, b"q" * data.draw(st.integers(0, 70_000)))
+    elif action == "half_close" and stream.sending:
+        client.half_close(sid)
+    elif action == "cancel":
+        client.cancel(sid)
+    elif action == "ack" and unread[sid]:
+        # The application consumes (some of) what arrived, never more.
+        n = data.draw(st.integers(1, unread[sid]))
+        unread[sid] -= n
+        client.acknowledge(sid, n)
+    return None
+
+
+@SETTINGS
+@given(st.data())
+def test_client_survives_any_frame_sequence(data: st.DataObject) -> None:
+    client = negotiated_client(max_receive_message_length=50_000, max_metadata_size=1_000)
+    opened: list[int] = []
+    announced: set[int] = set()  # new_stream went out
+    ended: Counter[int] = Counter()
+    cancelled: set[int] = set()
+    unread: Counter[int] = Counter()
+    out: list[ClientToServer] = []
+
+    def pull(limit: int | None = None) -> None:
+        n = 0
+        while (limit is None or n < limit) and (frame := client.next_frame()) is not None:
+            n += 1
+            sid = frame.stream_id
+            assert sid in opened
+            assert sid not in cancelled, f"frame after cancel on stream {sid}"
+            if frame.HasField("new_stream"):
+                announced.add(sid)
+            else:
+                assert sid in announced, "a frame for a stream before its new_stream"
+            if frame.HasField("cancel"):
+                cancelled.add(sid)
+            out.append(frame)
+
+    for _ in range(data.draw(st.integers(1, 40))):
+        if announced and data.draw(st.integers(0, 2)):
+            try:
+                events = client.receive_frame(draw_server_frame(data, sorted(announced)))
+            except RemoteProtocolError as exc:
+                event(f"client: tunnel aborted ({str(exc).split(' for ')[0][:40]})")
+                return
+            for e in events:
+                sid = e.stream_id  # type: ignore[union-attr]
+                assert sid in opened
+                assert ended[sid] == 0, "event after the stream ended"
+                if isinstance(e, StreamEnded):
+                    ended[sid] += 1
+                elif isinstance(e, DataReceived):
+                    unread[sid] += len(e.data)
+        else:
+            limit = client_app_step(data, client, opened, unread)
+            if limit is not None:
+                pull(limit)
+        assert set(client._streams) <= set(opened)
+
+    # The caller gives up on whatever is still open; the server opens every window.
+    for sid in opened:
+        if sid in announced:
+            client.receive_frame(ServerToClient(stream_id=sid, window_update=2**31))
+        client.cancel(sid)
+    pull()
+    event(f"client: completed with {min(len(opened), 3)}+ streams")
+    assert client._streams == {}
+    assert not client.has_frames()
