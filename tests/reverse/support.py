@@ -1,0 +1,240 @@
+"""Helpers of the reverse-tunnel tests: a network server, devices, a device service.
+
+The tests play both ends in one process: a grpclib ``Server`` with a
+``TunnelServiceHandler`` is the network server (the "router"), and
+``ReverseTunnelServer`` instances dialing into it are the "devices".
+Everything is opened with ``async with`` in the test's own task and closed
+before the autouse leak check runs.
+
+Devices register under the affinity key they send in the ``x-key``
+request header (``key_from_metadata``), so a test waits for a particular
+device with ``handler.key_as_channel(name).wait_ready()``, no polling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator, Hashable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpclib.client
+import grpclib.events
+import grpclib.server
+
+import tunnel
+from tunnel.testing._pb.grpchantesting import Message, TestServiceBase, TestServiceStub
+
+#: Upper bound of one test's body.
+TEST_TIMEOUT = 20.0
+#: What "at once" / "promptly" means in these tests.
+PROMPT = 2.0
+
+KEY_HEADER = "x-key"
+
+
+def key_from_metadata(channel: tunnel.TunnelChannel) -> Hashable:
+    """The affinity key a device asks for in its ``x-key`` header."""
+    return channel.metadata.get(KEY_HEADER)
+
+
+class Device(TestServiceBase):
+    """A device's service: ``unary`` answers with the device's name.
+
+    A request with payload ``b"block"`` waits until ``release`` is set (or
+    the call is cancelled, which ``cancelled`` records).  ``infos`` holds the
+    ``current_tunnel()`` each call saw.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.started = asyncio.Event()
+        self.release = asyncio.Event()
+        self.cancelled = asyncio.Event()
+        self.infos: list[tunnel.TunnelInfo | None] = []
+
+    async def unary(self, message: Message) -> Message:
+        self.infos.append(tunnel.current_tunnel())
+        if message.payload == b"block":
+            self.started.set()
+            try:
+                await self.release.wait()
+            except asyncio.CancelledError:
+                self.cancelled.set()
+                raise
+        return Message(payload=self.name.encode())
+
+
+async def who(channel: grpclib.client.Channel, payload: bytes = b"who") -> str:
+    """Ask whichever device *channel* reaches for its name."""
+    reply = await TestServiceStub(channel).unary(Message(payload=payload))
+    return reply.payload.decode()
+
+
+# -- the network server --------------------------------------------------------------
+
+
+@dataclass
+class Router:
+    server: grpclib.server.Server
+    handler: tunnel.TunnelServiceHandler
+    port: int
+
+
+def listening_socket(port: int = 0) -> socket.socket:
+    """A TCP socket on 127.0.0.1:*port* (0: the kernel picks).
+
+    ``SO_REUSEADDR`` lets a restarted server bind the port of one just
+    stopped; accepted connections inherit it, which Linux requires of
+    every socket still holding the port.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+@contextlib.asynccontextmanager
+async def router(
+    handler: tunnel.TunnelServiceHandler | None = None,
+    *,
+    services: Iterable[Any] = (),
+    port: int = 0,
+    listeners: Iterable[tuple[type[Any], Any]] = (),
+) -> AsyncIterator[Router]:
+    """A grpclib server with *handler* (default: key by ``x-key``) on 127.0.0.1.
+
+    *listeners* are ``(event type, callback)`` pairs listened on the grpclib
+    server before it starts.
+    """
+    if handler is None:
+        handler = tunnel.TunnelServiceHandler(affinity_key=key_from_metadata)
+    server = grpclib.server.Server([handler, *services])
+    for event_type, callback in listeners:
+        grpclib.events.listen(server, event_type, callback)
+    sock = listening_socket(port)
+    try:
+        await server.start(sock=sock)
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        yield Router(server, handler, sock.getsockname()[1])
+    finally:
+        await stop(server)
+
+
+async def stop(server: grpclib.server.Server) -> None:
+    server.close()
+    async with asyncio.timeout(10):
+        await server.wait_closed()
+
+
+@contextlib.asynccontextmanager
+async def connected(port: int, **kwargs: Any) -> AsyncIterator[grpclib.client.Channel]:
+    channel = grpclib.client.Channel("127.0.0.1", port, **kwargs)
+    try:
+        yield channel
+    finally:
+        channel.close()
+
+
+# -- devices --------------------------------------------------------------------------
+
+
+@dataclass
+class Running:
+    """A ``ReverseTunnelServer`` and the ``serve()`` tasks it runs."""
+
+    server: tunnel.ReverseTunnelServer
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def serve(self, metadata: Any = None) -> asyncio.Task[None]:
+        task = asyncio.create_task(self.server.serve(metadata), name="reverse serve")
+        self.tasks.append(task)
+        return task
+
+
+@contextlib.asynccontextmanager
+async def device_server(
+    channel: grpclib.client.Channel,
+    handlers: Iterable[Any],
+    *,
+    options: tunnel.TunnelOptions | None = None,
+) -> AsyncIterator[Running]:
+    """A ``ReverseTunnelServer``; closed, and its ``serve()`` tasks awaited, on exit."""
+    running = Running(tunnel.ReverseTunnelServer(channel, list(handlers), options=options))
+    try:
+        yield running
+    finally:
+        running.server.close()
+        async with asyncio.timeout(10):
+            await asyncio.gather(*running.tasks, return_exceptions=True)
+            await running.server.wait_closed()
+
+
+@contextlib.asynccontextmanager
+async def device(
+    port: int,
+    handler: tunnel.TunnelServiceHandler,
+    name: str,
+    *,
+    key: str | None = None,
+    service: Device | None = None,
+    options: tunnel.TunnelOptions | None = None,
+) -> AsyncIterator[Device]:
+    """A device on its own connection, registered under *key* (default: *name*).
+
+    Returns once *handler* has the tunnel in that key's pool.
+    """
+    service = service or Device(name)
+    async with (
+        connected(port) as channel,
+        device_server(channel, [service], options=options) as running,
+    ):
+        serving = running.serve({KEY_HEADER: key or name})
+        await registered(handler, key or name, serving)
+        yield service
+
+
+async def registered(
+    handler: tunnel.TunnelServiceHandler, key: Hashable, serving: asyncio.Task[None]
+) -> None:
+    """Wait until *key*'s pool has a tunnel; fail if *serving* ended first."""
+    ready = asyncio.create_task(handler.key_as_channel(key).wait_ready())
+    try:
+        async with asyncio.timeout(PROMPT):
+            await asyncio.wait({serving, ready}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        ready.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await ready
+    if serving.done():
+        serving.result()
+        raise AssertionError("the reverse tunnel ended before it registered")
+
+
+class Recorder:
+    """A log of what happened, in order, and a way to wait for an entry."""
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[str, Any]] = []
+        self._changed = asyncio.Event()
+
+    def add(self, what: str, value: Any = None) -> None:
+        self.entries.append((what, value))
+        self._changed.set()
+
+    def names(self) -> list[str]:
+        return [what for what, _ in self.entries]
+
+    async def wait_for(self, what: str, count: int = 1) -> None:
+        while self.names().count(what) < count:
+            self._changed.clear()
+            await self._changed.wait()
