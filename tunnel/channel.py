@@ -20,7 +20,7 @@ from grpclib.const import Cardinality
 from grpclib.encoding.base import CodecBase, StatusDetailsCodecBase
 from grpclib.encoding.proto import ProtoCodec, ProtoStatusDetailsCodec
 from grpclib.events import _DispatchChannelEvents
-from grpclib.exceptions import StreamTerminatedError
+from grpclib.exceptions import GRPCError, StreamTerminatedError
 from grpclib.metadata import Deadline, _Metadata, _MetadataLike
 from grpclib.protocol import Peer
 from multidict import MultiDict
@@ -203,7 +203,9 @@ class _OpenTunnel:
             # (no services, bad credentials) ends here with its GRPCError.
             await stream.recv_initial_metadata()
         except BaseException as exc:
-            await _suppress_exit(stream, exc)
+            refusal = await _exit_after_failure(stream, exc)
+            if refusal is not None:
+                raise refusal from None
             raise
         assert stream.initial_metadata is not None
         peer_negotiates = stream.initial_metadata.get(NEGOTIATE_HEADER) == "on"
@@ -235,9 +237,24 @@ class _OpenTunnel:
             await self._tunnel_channel.aclose()
 
 
-async def _suppress_exit(stream: grpclib.client.Stream[Any, Any], exc: BaseException) -> None:
-    with contextlib.suppress(BaseException):
+async def _exit_after_failure(
+    stream: grpclib.client.Stream[Any, Any], exc: BaseException
+) -> GRPCError | None:
+    """Leave the failed carrying call; return the refusal it carried, if any.
+
+    A server that refuses the tunnel answers trailers-only with its status
+    and then resets the stream; the reset can reach grpclib first, so
+    ``recv_initial_metadata`` raises ``StreamTerminatedError`` although the
+    status arrived.  grpclib's exit turns that into the ``GRPCError``.
+    """
+    try:
         await stream.__aexit__(type(exc), exc, exc.__traceback__)
+    except GRPCError as status:
+        if isinstance(exc, StreamTerminatedError):
+            return status
+    except BaseException:
+        pass
+    return None
 
 
 def open_tunnel(
