@@ -249,6 +249,20 @@ async def serve_reverse_tunnel(
         if on_open is not None:
             on_open(channel)
         await tunnel.wait_closed()
+    except asyncio.CancelledError:
+        # grpclib's Server.close() cancels this handler, sends nothing and
+        # leaves the connection open: the device would serve a tunnel nobody
+        # uses, forever.  Once the tunnel has stopped (below), end the
+        # carrying call with a status so that it reconnects.
+        pools.remove(channel, key)
+        channel.close()
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(options.close_timeout):
+                await tunnel.wait_closed()
+                await stream.send_trailing_metadata(
+                    status=Status.UNAVAILABLE, status_message="the network server is stopping"
+                )
+        raise
     finally:
         channel.close()
         pools.remove(channel, key)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 from collections.abc import AsyncIterator, Hashable, Iterable
 from dataclasses import dataclass, field
@@ -81,6 +82,19 @@ class Router:
     server: grpclib.server.Server
     handler: tunnel.TunnelServiceHandler
     port: int
+    #: The server's connections (grpclib's H2Protocol objects).
+    connections: list[Any] = field(default_factory=list)
+
+    async def crash(self) -> None:
+        """Stop the server as a process exit would: connections drop too.
+
+        grpclib's ``Server.close()`` alone keeps accepted connections open,
+        and they go on accepting new calls for the stopped server's handlers.
+        """
+        await stop(self.server)
+        for protocol in self.connections:
+            if hasattr(protocol, "connection"):  # made
+                protocol.connection.close()  # closes the socket
 
 
 def listening_socket(port: int = 0) -> socket.socket:
@@ -118,6 +132,15 @@ async def router(
     server = grpclib.server.Server([handler, *services])
     for event_type, callback in listeners:
         grpclib.events.listen(server, event_type, callback)
+    connections: list[Any] = []
+    make_protocol = server._protocol_factory
+
+    def recording_factory() -> Any:
+        connection = make_protocol()
+        connections.append(connection)
+        return connection
+
+    server._protocol_factory = recording_factory  # type: ignore[method-assign]
     sock = listening_socket(port)
     try:
         await server.start(sock=sock)
@@ -125,7 +148,7 @@ async def router(
         sock.close()
         raise
     try:
-        yield Router(server, handler, sock.getsockname()[1])
+        yield Router(server, handler, sock.getsockname()[1], connections)
     finally:
         await stop(server)
 
@@ -238,3 +261,31 @@ class Recorder:
         while self.names().count(what) < count:
             self._changed.clear()
             await self._changed.wait()
+
+
+class LogWatch(logging.Handler):
+    """Counts the ``tunnel`` log records containing *text*; ``wait(n)`` for n of them."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(logging.DEBUG)
+        self.text = text
+        self.messages: list[str] = []
+        self._changed = asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if self.text in message:
+            self.messages.append(message)
+            self._changed.set()
+
+    async def wait(self, n: int) -> None:
+        while len(self.messages) < n:
+            self._changed.clear()
+            await self._changed.wait()
+
+    def __enter__(self) -> LogWatch:
+        logging.getLogger("tunnel").addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        logging.getLogger("tunnel").removeHandler(self)
