@@ -131,6 +131,8 @@ check: lint typecheck proto-check test
 demo:
 	$(PY) -m tunnel.demo
 
-# Placeholder: the benchmarks package comes with a later issue.
+# About 4 minutes; rewrites docs/benchmarks.md and .png (needs the bench
+# extra: pip install -e '.[bench]'). `$(PY) -m benchmarks --quick` is a ~30 s
+# smoke run that writes only benchmarks/results/quick.json.
 bench:
 	$(PY) -m benchmarks

@@ -1,0 +1,204 @@
+"""Direct grpclib and our forward and reverse tunnels, as workload clients.
+
+One grpclib server on 127.0.0.1 serves the benchmark service directly and,
+through a ``TunnelServiceHandler``, inside forward tunnels; the same handler
+accepts reverse tunnels.  The listening socket is created with IPPROTO_TCP so
+that asyncio sets TCP_NODELAY on accepted connections (GRPCLIB-NOTES 11).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import socket
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import grpclib.client
+import grpclib.server
+from grpclib.const import Cardinality, Handler
+
+import tunnel
+
+from . import workloads
+from .workloads import LIVE, Opener
+
+SERVICE = "/grpchantesting.TestService/"
+KINDS = ("direct", "forward", "reverse")
+#: Seconds to wait for a tunnel to come up or go down.
+TIMEOUT = 30.0
+
+
+class BenchService:
+    """``grpchantesting.TestService``'s Unary, ServerStream and BidiStream, minimal."""
+
+    def __init__(self, pb: ModuleType) -> None:
+        self._message = pb.Message
+
+    def __mapping__(self) -> Mapping[str, Handler]:
+        m = self._message
+        return {
+            SERVICE + "Unary": Handler(self._unary, Cardinality.UNARY_UNARY, m, m),
+            SERVICE + "ServerStream": Handler(self._server_stream, Cardinality.UNARY_STREAM, m, m),
+            SERVICE + "BidiStream": Handler(self._bidi, Cardinality.STREAM_STREAM, m, m),
+        }
+
+    async def _unary(self, stream: grpclib.server.Stream[Any, Any]) -> None:
+        request = await stream.recv_message()
+        await stream.send_message(request)
+
+    async def _server_stream(self, stream: grpclib.server.Stream[Any, Any]) -> None:
+        request = await stream.recv_message()
+        assert request is not None
+        reply = self._message(payload=request.payload)
+        for _ in range(request.count):
+            await stream.send_message(reply)
+
+    async def _bidi(self, stream: grpclib.server.Stream[Any, Any]) -> None:
+        LIVE.enter()
+        try:
+            async for request in stream:
+                await stream.send_message(request)
+        finally:
+            LIVE.exit()
+
+
+class _Bidi:
+    def __init__(self, stream: grpclib.client.Stream[Any, Any], message: type) -> None:
+        self._stream = stream
+        self._message = message
+
+    async def send(self, payload: bytes) -> None:
+        await self._stream.send_message(self._message(payload=payload))
+
+    async def recv(self) -> bytes:
+        reply = await self._stream.recv_message()
+        if reply is None:
+            raise AssertionError("BidiStream ended early")
+        payload: bytes = reply.payload
+        return payload
+
+
+class GrpclibClient:
+    """:class:`workloads.Client` over any grpclib Channel (plain or tunnel)."""
+
+    def __init__(self, channel: grpclib.client.Channel, pb: ModuleType) -> None:
+        m = self._message = pb.Message
+        self._unary = grpclib.client.UnaryUnaryMethod(channel, SERVICE + "Unary", m, m)
+        self._stream = grpclib.client.UnaryStreamMethod(channel, SERVICE + "ServerStream", m, m)
+        self._bidi = grpclib.client.StreamStreamMethod(channel, SERVICE + "BidiStream", m, m)
+
+    async def unary(self, payload: bytes) -> None:
+        await self._unary(self._message(payload=payload))
+
+    async def server_stream(self, count: int, payload: bytes) -> int:
+        received = 0
+        async with self._stream.open() as stream:
+            await stream.send_message(self._message(payload=payload, count=count), end=True)
+            async for _ in stream:
+                received += 1
+        return received
+
+    @contextlib.asynccontextmanager
+    async def bidi(self) -> AsyncIterator[_Bidi]:
+        async with self._bidi.open() as stream:
+            await stream.send_request()
+            yield _Bidi(stream, self._message)
+            await stream.end()
+            async for _ in stream:
+                raise AssertionError("unexpected BidiStream reply")
+
+
+def _listening_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+@contextlib.asynccontextmanager
+async def _reverse_tunnel(
+    channel: grpclib.client.Channel, services: list[Any], handler: tunnel.TunnelServiceHandler
+) -> AsyncIterator[None]:
+    """One reverse tunnel over *channel*, registered with *handler* when entered."""
+    device = tunnel.ReverseTunnelServer(channel, services)
+    target = len(handler.all_reverse_tunnels()) + 1
+    serving = asyncio.ensure_future(device.serve())
+    try:
+        async with asyncio.timeout(TIMEOUT):
+            while len(handler.all_reverse_tunnels()) < target:
+                if serving.done():
+                    serving.result()
+                    raise AssertionError("reverse tunnel ended before it was ready")
+                await asyncio.sleep(0.0005)
+        yield
+    finally:
+        device.close()
+        async with asyncio.timeout(TIMEOUT):
+            await asyncio.gather(serving, return_exceptions=True)
+
+
+@dataclass
+class Setup:
+    client: GrpclibClient
+    #: For :func:`workloads.idle_tunnels`.
+    connect: Any
+    #: The channel the client calls through (for the profile's description).
+    channel: grpclib.client.Channel
+
+
+@contextlib.asynccontextmanager
+async def transport(kind: str, pb: ModuleType) -> AsyncIterator[Setup]:
+    """A server and a :class:`GrpclibClient` of *kind* (direct, forward, reverse)."""
+    service = BenchService(pb)
+    handler = tunnel.TunnelServiceHandler([service])
+    server = grpclib.server.Server([service, handler])
+    sock = _listening_socket()
+    port = sock.getsockname()[1]
+    await server.start(sock=sock)
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def stop_server() -> None:
+            server.close()
+            async with asyncio.timeout(TIMEOUT):
+                await server.wait_closed()
+
+        stack.push_async_callback(stop_server)
+        network = grpclib.client.Channel("127.0.0.1", port)
+        stack.callback(network.close)
+        channel: grpclib.client.Channel
+        if kind == "direct":
+            channel = network
+        elif kind == "forward":
+            channel = await stack.enter_async_context(tunnel.open_tunnel(network))
+        elif kind == "reverse":
+            await stack.enter_async_context(_reverse_tunnel(network, [service], handler))
+            channel = handler.as_channel()
+        else:
+            raise ValueError(f"unknown grpclib transport {kind!r}")
+
+        @contextlib.asynccontextmanager
+        async def connect(connections: int) -> AsyncIterator[Opener]:
+            channels = [grpclib.client.Channel("127.0.0.1", port) for _ in range(connections)]
+            try:
+                clients = [GrpclibClient(ch, pb) for ch in channels]
+                for client in clients:  # connect and warm up every connection
+                    await client.unary(b"")
+                turn = itertools.cycle(zip(channels, clients, strict=True))
+
+                def open_one() -> contextlib.AbstractAsyncContextManager[Any]:
+                    ch, client = next(turn)
+                    if kind == "direct":
+                        return workloads.held_stream(client)
+                    if kind == "forward":
+                        return tunnel.open_tunnel(ch)
+                    return _reverse_tunnel(ch, [service], handler)
+
+                yield open_one
+            finally:
+                for ch in channels:
+                    ch.close()
+
+        yield Setup(GrpclibClient(channel, pb), connect, channel)

@@ -1,0 +1,319 @@
+"""The table, docs/benchmarks.md and docs/benchmarks.png, from the collected runs."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+BASELINE = "direct"
+ANALYSIS_START = "<!-- analysis: kept when the page is regenerated -->"
+ANALYSIS_END = "<!-- /analysis -->"
+
+LABELS = {
+    "direct": "direct grpclib",
+    "forward": "forward tunnel",
+    "reverse": "reverse tunnel",
+    "grpcio": "direct grpcio.aio",
+    "gt-forward": "grpctunnel-py fwd",
+    "gt-reverse": "grpctunnel-py rev",
+}
+
+
+@dataclass(frozen=True)
+class Row:
+    key: str  # "measurement.field"
+    label: str
+    higher_is_better: bool
+    digits: int = 0
+
+    def value(self, run: dict[str, Any]) -> float | str | None:
+        step, field = self.key.split(".")
+        result = run.get("results", {}).get(step)
+        if result is None:
+            return None
+        if "error" in result:
+            return "error"
+        value = result.get(field)
+        return float(value) if isinstance(value, int | float) else None
+
+
+def rows(many: int) -> list[Row]:
+    return [
+        Row("unary_1.calls_per_s", "unary, 1 caller: calls/s", True),
+        Row("unary_1.p50_us", "unary, 1 caller: p50 µs", False),
+        Row("unary_1.p99_us", "unary, 1 caller: p99 µs", False),
+        Row("unary_16.calls_per_s", "unary, 16 callers: calls/s", True),
+        Row("unary_16.p50_us", "unary, 16 callers: p50 µs", False),
+        Row("unary_16.p99_us", "unary, 16 callers: p99 µs", False),
+        Row("server_stream.msgs_per_s", "server streaming: msgs/s (100 B)", True),
+        Row("bulk.mib_per_s", "bulk, 1 MiB msgs echoed: MiB/s", True, 1),
+        Row("many_streams.seconds", f"{many:,} concurrent streams: s", False, 2),
+        Row("many_streams.peak_in_flight", f"{many:,} streams: most in flight", True),
+        Row("many_streams.peak_rss_growth_mib", f"{many:,} streams: peak RSS growth MiB", False, 1),
+        Row("idle_tunnels.kib_per_tunnel", "idle tunnel: KiB RSS (both ends)", False, 1),
+        Row("idle_streams.kib_per_stream", "idle stream: KiB RSS (both ends)", False, 1),
+    ]
+
+
+def column_name(run: dict[str, Any]) -> str:
+    name = LABELS.get(run["transport"], run["transport"])
+    return name + (" +uvloop" if run["loop"] == "uvloop" else "")
+
+
+def _fmt(value: float, digits: int) -> str:
+    if math.isnan(value):
+        return "n/a"
+    return f"{value:,.{digits}f}"
+
+
+def cell(row: Row, run: dict[str, Any], base: dict[str, Any] | None) -> str:
+    value = row.value(run)
+    if value is None:
+        return "-"
+    if isinstance(value, str):
+        return value
+    text = _fmt(value, row.digits)
+    if base is None or run is base:
+        return text
+    base_value = row.value(base)
+    if isinstance(base_value, float) and base_value and not math.isnan(base_value):
+        text += f" ({value / base_value:.2f}x)"
+    return text
+
+
+def _baseline(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    for run in runs:
+        if run["transport"] == BASELINE and run["loop"] == "asyncio":
+            return run
+    return None
+
+
+def table(runs: list[dict[str, Any]], many: int, markdown: bool) -> str:
+    base = _baseline(runs)
+    header = ["", *(column_name(r) for r in runs)]
+    body = [[row.label, *(cell(row, r, base) for r in runs)] for row in rows(many)]
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(line) + " |" for line in body]
+        return "\n".join(lines)
+    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(text.ljust(width) for text, width in zip(line, widths, strict=True))
+        for line in [header, *body]
+    )
+
+
+# -- targets ---------------------------------------------------------------------------
+
+
+def _get(runs: list[dict[str, Any]], transport: str, key: str) -> float | None:
+    for run in runs:
+        if run["transport"] == transport and run["loop"] == "asyncio":
+            row = Row(key, key, True)
+            value = row.value(run)
+            return value if isinstance(value, float) else None
+    return None
+
+
+def targets(runs: list[dict[str, Any]], many: int) -> list[str]:
+    """One line per target of the benchmark issue, with the measured figure."""
+    lines: list[str] = []
+
+    def ratio_line(label: str, key: str, least: float) -> None:
+        ours, base = _get(runs, "forward", key), _get(runs, "direct", key)
+        if ours is None or base is None:
+            lines.append(f"- {label}: not measured")
+            return
+        ratio = ours / base
+        verdict = "met" if ratio >= least else "**missed**"
+        lines.append(f"- {label} ≥ {least:.1f}x direct grpclib: {ratio:.2f}x, {verdict}")
+
+    ratio_line("forward unary calls/s (1 caller)", "unary_1.calls_per_s", 1.0)
+    ratio_line("forward unary calls/s (16 callers)", "unary_16.calls_per_s", 1.0)
+    ratio_line("forward streaming msgs/s", "server_stream.msgs_per_s", 0.9)
+    ratio_line("forward bulk MiB/s", "bulk.mib_per_s", 0.8)
+    for ours, theirs in (("forward", "gt-forward"), ("reverse", "gt-reverse")):
+        if not any(r["transport"] == theirs for r in runs):
+            lines.append(f"- {ours} ahead of grpctunnel-py: not measured (not installed)")
+            continue
+        behind = []
+        for row in rows(many):
+            a, b = _get(runs, ours, row.key), _get(runs, theirs, row.key)
+            if a is None or b is None:
+                continue
+            if (a < b) if row.higher_is_better else (a > b):
+                behind.append(row.label)
+        verdict = "met" if not behind else "**missed** on: " + "; ".join(behind)
+        lines.append(f"- {ours} ahead of grpctunnel-py on every row: {verdict}")
+    idle = _get(runs, "forward", "idle_tunnels.kib_per_tunnel")
+    if idle is not None:
+        verdict = "met" if idle < 50 else "**missed**"
+        lines.append(f"- an idle forward tunnel < 50 KiB (both ends): {idle:.1f} KiB, {verdict}")
+    return lines
+
+
+# -- profile ---------------------------------------------------------------------------
+
+
+def profile_section(runs: list[dict[str, Any]]) -> str:
+    profiled = [
+        r
+        for r in runs
+        if r["loop"] == "asyncio"
+        and "buckets_us_per_call" in r.get("results", {}).get("profile", {})
+    ]
+    if not profiled:
+        return "No profile was taken."
+    buckets = list(profiled[0]["results"]["profile"]["buckets_us_per_call"])
+    header = ["bucket (own time)", *(column_name(r) + " µs (share)" for r in profiled)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for bucket in buckets:
+        cells = [bucket]
+        for r in profiled:
+            p = r["results"]["profile"]
+            us = p["buckets_us_per_call"][bucket]
+            cells.append(f"{us:.1f} ({us / p['profiled_us_per_call']:.0%})")
+        lines.append("| " + " | ".join(cells) + " |")
+    for label, field in (
+        ("total, profiled", "profiled_us_per_call"),
+        ("total, not profiled", "unprofiled_us_per_call"),
+    ):
+        cells = [f"**{label}**"]
+        cells += [f"**{r['results']['profile'][field]:.1f}**" for r in profiled]
+        lines.append("| " + " | ".join(cells) + " |")
+    out = ["\n".join(lines)]
+
+    forward = next((r for r in profiled if r["transport"] == "forward"), None)
+    if forward is not None:
+        p = forward["results"]["profile"]
+        codec = p.get("frame_codec", {})
+        if codec:
+            out.append(
+                f"The {codec['frames']} grpctunnel.v1 frames of one unary call take "
+                f"{codec['us_per_call']:.1f} µs to build, encode and decode with upb, "
+                "timed without the profiler."
+            )
+        hot = ["| function | calls per call | own µs | cumulative µs |", "|---|---|---|---|"]
+        for h in p["tunnel_hot_spots"]:
+            hot.append(
+                f"| `{h['function']}` | {h['calls_per_call']:.1f} | {h['own_us']:.1f} "
+                f"| {h['cumulative_us']:.1f} |"
+            )
+        out.append(
+            "Hot spots in `tunnel/` (forward tunnel, per unary call, profiled):\n\n"
+            + "\n".join(hot)
+        )
+    return "\n\n".join(out)
+
+
+# -- the page and the chart ---------------------------------------------------------------
+
+
+def _kept_analysis(path: Path) -> str:
+    if path.exists():
+        match = re.search(
+            re.escape(ANALYSIS_START) + r"\n(.*?)" + re.escape(ANALYSIS_END),
+            path.read_text(),
+            re.S,
+        )
+        if match:
+            return match.group(1)
+    return "(No analysis written yet.)\n"
+
+
+def markdown(
+    data: dict[str, Any], path: Path, meaning: str, method: str, render: Callable[[], str]
+) -> str:
+    runs = data["runs"]
+    many = data["budget"]["many_streams"]
+    machine = data["machine"]
+    skipped = "\n".join(f"- {s}" for s in data["skipped"]) or "- nothing"
+    versions = ", ".join(f"{k} {v}" for k, v in machine["versions"].items() if v)
+    return f"""# Benchmarks
+
+Generated by `{data["command"]}` on {data["date"]} ({data["elapsed_s"]:.0f} s);
+re-run it to refresh everything but the analysis section.
+
+Machine: {machine["cpu"]}, {machine["cores"]} cores, {machine["memory_gib"]:.0f} GiB,
+Linux {machine["kernel"]}, CPython {machine["python"]}; {versions}.
+Load average (1 min) {data["load_before"][0]:.2f} before the run and
+{data["load_after"][0]:.2f} after it.
+
+![chart](benchmarks.png)
+
+## Results
+
+Each cell is the figure and, in brackets, its ratio to direct grpclib on the
+standard asyncio loop measured in the same run. For rates higher is better;
+for latencies, times and memory lower is better.
+
+{render()}
+
+Not run:
+
+{skipped}
+
+## Targets
+
+{chr(10).join(targets(runs, many))}
+
+## How it is measured
+
+{method}
+
+## What each row means
+
+{meaning}
+
+## Where the time of one unary call goes
+
+{profile_section(runs)}
+
+## Analysis
+
+{ANALYSIS_START}
+{_kept_analysis(path)}{ANALYSIS_END}
+"""
+
+
+def chart(data: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = data["runs"]
+    base = _baseline(runs)
+    many = data["budget"]["many_streams"]
+    all_rows = rows(many)
+    speed = [r for r in all_rows if r.higher_is_better and "in flight" not in r.label]
+    memory = [r for r in all_rows if r.key.startswith("idle_")]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5.5), width_ratios=(2.2, 1))
+    width = 0.8 / max(1, len(runs))
+    for i, run in enumerate(runs):
+        ratios = []
+        for row in speed:
+            value, base_value = row.value(run), row.value(base) if base else None
+            ok = isinstance(value, float) and isinstance(base_value, float) and base_value
+            ratios.append(value / base_value if ok else 0.0)  # type: ignore[operator]
+        xs = [x + i * width for x in range(len(speed))]
+        left.bar(xs, ratios, width, label=column_name(run))
+        kib = [v if isinstance(v := row.value(run), float) else 0.0 for row in memory]
+        right.bar([x + i * width for x in range(len(memory))], kib, width)
+    left.axhline(1.0, color="black", linewidth=0.8)
+    left.set_xticks([x + 0.4 - width / 2 for x in range(len(speed))])
+    left.set_xticklabels([r.label.replace(": ", "\n") for r in speed], fontsize=8)
+    left.set_ylabel("ratio to direct grpclib (higher is better)")
+    left.set_yscale("log")
+    left.legend(fontsize=7, ncol=2)
+    right.set_xticks([x + 0.4 - width / 2 for x in range(len(memory))])
+    right.set_xticklabels([r.label.split(":")[0] for r in memory], fontsize=8)
+    right.set_ylabel("KiB RSS, both ends (lower is better)")
+    fig.suptitle(f"tunnel benchmarks, {data['date']} ({data['machine']['cores']} cores)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

@@ -1,0 +1,50 @@
+"""The benchmark package still runs: a smoke run of direct grpclib and a forward tunnel.
+
+Not a performance test: it only checks that ``python -m benchmarks`` runs end
+to end and reports a figure for every measurement, so the benchmark code does
+not rot between the runs that refresh docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.timeout(60)
+def test_quick_bench_runs(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks",
+            "--quick",
+            "--only=direct,forward",
+            "--no-uvloop",
+            f"--json-out={out}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=50,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    data = json.loads(out.read_text())
+    runs = {run["transport"]: run for run in data["runs"]}
+    assert set(runs) == {"direct", "forward"}
+    for run in runs.values():
+        results = run["results"]
+        errors = {name: r["error"] for name, r in results.items() if "error" in r}
+        assert not errors, errors
+        assert results["unary_1"]["calls_per_s"] > 0
+        assert results["bulk"]["mib_per_s"] > 0
+        assert results["many_streams"]["completed"] == data["budget"]["many_streams"]
+    assert runs["forward"]["results"]["profile"]["buckets_us_per_call"]["tunnel/_core"] > 0
+    assert "forward tunnel" in done.stdout
