@@ -115,9 +115,14 @@ class ClientTunnel:
             self.error = NegotiationError(
                 f"tunnel server sent no settings within {self.options.negotiation_timeout} seconds"
             )
-        self.close()
-        await self.wait_closed()
-        assert self.error is not None
+        # No call ever ran on this tunnel and the peer is not following the
+        # protocol: cut the carrying call off now.  A graceful close() would
+        # wait up to close_timeout more for a peer that may never answer.
+        self.closing = True
+        self._main.cancel()
+        await asyncio.wait([self._main])
+        if self.error is None:
+            self.error = NegotiationError("tunnel server ended the call without sending settings")
         raise self.error
 
     # -- the calls' side -------------------------------------------------

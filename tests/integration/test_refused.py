@@ -1,0 +1,128 @@
+"""Tunnels that do not open: refused by the server, or negotiation failing."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpclib.server
+import pytest
+from grpclib.const import Cardinality, Handler, Status
+from grpclib.events import RecvRequest, listen
+from grpclib.exceptions import GRPCError
+
+import tunnel
+from tests.integration.support import TEST_TIMEOUT, connected, options, serving, tunnel_over
+from tunnel._pb.tunnel_pb2 import ClientToServer, Metadata, ServerToClient, Settings
+from tunnel.testing import TestService
+
+OPEN_TUNNEL = "/grpctunnel.v1.TunnelService/OpenTunnel"
+
+
+async def test_handler_without_services_refuses_with_unimplemented() -> None:
+    async with asyncio.timeout(TEST_TIMEOUT), serving([tunnel.TunnelServiceHandler([])]) as served:
+        with pytest.raises(GRPCError) as exc_info:
+            async with tunnel_over(served.port):
+                pass
+        assert exc_info.value.status is Status.UNIMPLEMENTED
+
+
+async def test_listener_refusal_reaches_open_tunnel() -> None:
+    async def refuse(event: RecvRequest) -> None:
+        raise GRPCError(Status.UNAUTHENTICATED, "no token")
+
+    async with (
+        asyncio.timeout(TEST_TIMEOUT),
+        serving([tunnel.TunnelServiceHandler([TestService()])]) as served,
+    ):
+        listen(served.server, RecvRequest, refuse)
+        for _ in range(3):  # the refusal and the stream reset race; see channel.py
+            with pytest.raises(GRPCError) as exc_info:
+                async with tunnel_over(served.port):
+                    pass
+            assert (exc_info.value.status, exc_info.value.message) == (
+                Status.UNAUTHENTICATED,
+                "no token",
+            )
+
+
+class FakeTunnelServer:
+    """Answers OpenTunnel with the negotiate header, then only *frames*, then waits."""
+
+    def __init__(self, *frames: ServerToClient) -> None:
+        self._frames = frames
+        self.ended = asyncio.Event()
+
+    async def open_tunnel(
+        self, stream: grpclib.server.Stream[ClientToServer, ServerToClient]
+    ) -> None:
+        try:
+            await stream.send_initial_metadata(metadata={"grpctunnel-negotiate": "on"})
+            for frame in self._frames:
+                await stream.send_message(frame)
+            await asyncio.Event().wait()
+        finally:
+            self.ended.set()
+
+    def __mapping__(self) -> dict[str, Handler]:
+        return {
+            OPEN_TUNNEL: Handler(
+                self.open_tunnel, Cardinality.STREAM_STREAM, ClientToServer, ServerToClient
+            )
+        }
+
+
+async def test_no_settings_fails_within_negotiation_timeout() -> None:
+    fake = FakeTunnelServer()
+    async with (
+        asyncio.timeout(TEST_TIMEOUT),
+        serving([fake]) as served,
+        connected(served.port) as channel,
+    ):
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(tunnel.NegotiationError):
+            await tunnel.open_tunnel(channel, options=options(negotiation_timeout=0.3))
+        assert 0.25 < loop.time() - started < 2.0
+        # The carrying call was given up, so the fake handler ended too.
+        async with asyncio.timeout(5):
+            await fake.ended.wait()
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        ServerToClient(stream_id=1, response_headers=Metadata()),
+        ServerToClient(stream_id=0, settings=Settings(supported_protocol_revisions=[0, 1])),
+        ServerToClient(stream_id=-1, settings=Settings(supported_protocol_revisions=[7])),
+    ],
+    ids=["not-settings", "settings-on-a-stream", "no-common-revision"],
+)
+async def test_bad_first_frame_fails_negotiation(first: ServerToClient) -> None:
+    fake = FakeTunnelServer(first)
+    async with (
+        asyncio.timeout(TEST_TIMEOUT),
+        serving([fake]) as served,
+        connected(served.port) as channel,
+    ):
+        with pytest.raises(tunnel.NegotiationError):
+            await tunnel.open_tunnel(channel)
+        async with asyncio.timeout(5):
+            await fake.ended.wait()
+
+
+class EndsAtOnce(FakeTunnelServer):
+    async def open_tunnel(
+        self, stream: grpclib.server.Stream[ClientToServer, ServerToClient]
+    ) -> None:
+        await stream.send_initial_metadata(metadata={"grpctunnel-negotiate": "on"})
+        self.ended.set()
+
+
+async def test_server_ending_before_settings_fails_negotiation() -> None:
+    async with (
+        asyncio.timeout(TEST_TIMEOUT),
+        serving([EndsAtOnce()]) as served,
+        connected(served.port) as channel,
+    ):
+        with pytest.raises(tunnel.NegotiationError):
+            await tunnel.open_tunnel(channel)
