@@ -90,10 +90,12 @@ async def run_reverse(channel: grpclib.client.Channel, options: TunnelOptions) -
             with contextlib.suppress(BaseException):
                 await trigger
     finally:
+        # The reference cancels the OpenReverseTunnel call here (its context),
+        # so no network server can keep the client waiting for the call's end.
         reverse_server.close()
-        with contextlib.suppress(Exception):
+        serving.cancel()
+        with contextlib.suppress(Exception, asyncio.CancelledError):
             await serving
-        await reverse_server.wait_closed()
     log(f"Served {served} requests over reverse tunnel.")
     return served
 
