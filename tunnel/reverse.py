@@ -20,7 +20,7 @@ import contextlib
 import itertools
 import logging
 import random
-from collections.abc import Callable, Collection, Hashable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Hashable, Mapping
 from typing import Any, TypeVar, cast
 
 import grpclib.client
@@ -50,6 +50,7 @@ OPEN_REVERSE_TUNNEL = "/grpctunnel.v1.TunnelService/OpenReverseTunnel"
 
 _SendType = TypeVar("_SendType")
 _RecvType = TypeVar("_RecvType")
+_T = TypeVar("_T")
 
 
 # -- the network server's side ------------------------------------------------------
@@ -289,6 +290,10 @@ class _ReverseClientCarrier:
         return await self._stream.recv_message()
 
 
+class _Closed(Exception):
+    """``close()`` ended a ``serve()`` that was still opening or ending its call."""
+
+
 class ReverseTunnelServer:
     """Serves RPCs that a network server sends back over reverse tunnels.
 
@@ -348,42 +353,81 @@ class ReverseTunnelServer:
         self._idle.clear()
         try:
             async with stream:
-                await stream.send_request()
-                await stream.recv_initial_metadata()
-                response_md: MultiDict[Any] = MultiDict(stream.initial_metadata or ())
-                self.response_metadata = response_md
-                tunnel = ServerTunnel(
-                    _ReverseClientCarrier(stream),
-                    self._mapping,
-                    info=TunnelInfo(
-                        metadata=MultiDict(metadata or ()),
-                        response_metadata=response_md,
-                        peer=stream.peer,
-                        kind="reverse",
-                    ),
-                    dispatch=self.__dispatch__,
-                    codec=self._codec,
-                    status_details_codec=self._status_details_codec,
-                    options=self._options,
-                    peer_negotiates=response_md.get(NEGOTIATE_HEADER) == "on",
-                    user_agent=None,
-                )
-                if self._closed:
-                    return
-                self._tunnels.add(tunnel)
-                try:
-                    await tunnel.serve()
-                except RemoteProtocolError as exc:
-                    raise GRPCError(Status.INTERNAL, f"tunnel protocol error: {exc}") from None
-                finally:
-                    self._tunnels.discard(tunnel)
-                with contextlib.suppress(Exception):
-                    await stream.end()
-                await stream.recv_trailing_metadata()
+                await self._serve_on(stream, MultiDict(metadata or ()))
+        except _Closed:
+            pass  # close() ended it; leaving ``async with`` reset the call
         finally:
             self._serving -= 1
             if not self._serving:
                 self._idle.set()
+
+    async def _serve_on(
+        self,
+        stream: grpclib.client.Stream[ServerToClient, ClientToServer],
+        metadata: MultiDict[Any],
+    ) -> None:
+        # Opening waits on the network server, which may never answer;
+        # close() must not wait for it.
+        await self._unless_closed(stream.send_request)
+        await self._unless_closed(stream.recv_initial_metadata)
+        response_md: MultiDict[Any] = MultiDict(stream.initial_metadata or ())
+        self.response_metadata = response_md
+        tunnel = ServerTunnel(
+            _ReverseClientCarrier(stream),
+            self._mapping,
+            info=TunnelInfo(
+                metadata=metadata,
+                response_metadata=response_md,
+                peer=stream.peer,
+                kind="reverse",
+            ),
+            dispatch=self.__dispatch__,
+            codec=self._codec,
+            status_details_codec=self._status_details_codec,
+            options=self._options,
+            peer_negotiates=response_md.get(NEGOTIATE_HEADER) == "on",
+            user_agent=None,
+        )
+        if self._closed:
+            raise _Closed
+        self._tunnels.add(tunnel)
+        try:
+            await tunnel.serve()
+        except RemoteProtocolError as exc:
+            raise GRPCError(Status.INTERNAL, f"tunnel protocol error: {exc}") from None
+        finally:
+            self._tunnels.discard(tunnel)
+        with contextlib.suppress(Exception):
+            await stream.end()
+        # The network server ends the call once it sees our end (or it
+        # already has, and its status is here).  Bounded: a server that
+        # keeps the call open must not keep serve() (and close()) waiting.
+        try:
+            async with asyncio.timeout(self._options.close_timeout):
+                await stream.recv_trailing_metadata()
+        except TimeoutError:
+            if self._closed:
+                raise _Closed from None
+            raise GRPCError(
+                Status.UNAVAILABLE, "the network server did not end the tunnel's call"
+            ) from None
+
+    async def _unless_closed(self, step: Callable[[], Awaitable[_T]]) -> _T:
+        """Await ``step()``, unless ``close()`` comes first: then raise ``_Closed``."""
+        if self._closed:
+            raise _Closed
+        work = asyncio.ensure_future(step())
+        closing = asyncio.ensure_future(self._stop_forever.wait())
+        try:
+            await asyncio.wait({work, closing}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (work, closing):
+                if not task.done():
+                    task.cancel()
+                    await asyncio.wait({task})
+        if work.cancelled():
+            raise _Closed
+        return work.result()
 
     async def serve_forever(
         self,
