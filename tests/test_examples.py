@@ -1,4 +1,4 @@
-"""The programs in examples/ run, succeed, and say what they should."""
+"""The programs in examples/ and the demo run, succeed, and say what they should."""
 
 from __future__ import annotations
 
@@ -45,4 +45,17 @@ def test_example_runs(name: str) -> None:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     for line in EXPECTED[name]:
+        assert line in done.stdout, done.stdout
+
+
+def test_demo_shows_forward_and_reverse() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "tunnel.demo"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=EXAMPLES.parent,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    for line in ("bidi streaming:", "reverse tunnel open", "server -> device: b'ping the device'"):
         assert line in done.stdout, done.stdout

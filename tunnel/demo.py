@@ -1,9 +1,11 @@
-"""A forward tunnel on loopback, carrying calls of all four kinds.
+"""Forward and reverse tunnels on loopback.
 
 Run with ``python -m tunnel.demo`` (needs the ``testing`` extra).  A grpclib
 server exposes the test service only *inside* tunnels; the client opens one
-tunnel and makes every call through it, with a betterproto stub used exactly
-as it would be on a plain channel.
+tunnel and makes calls of all four kinds through it, with a betterproto stub
+used exactly as it would be on a plain channel.  Then a "device" dials in
+and opens a reverse tunnel under a key, and the server calls the device's
+service through ``key_as_channel``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from grpclib.client import Channel
 from grpclib.exceptions import GRPCError
 from grpclib.server import Server
 
-from tunnel import TunnelServiceHandler, open_tunnel
+from tunnel import ReverseTunnelServer, TunnelServiceHandler, open_tunnel
 from tunnel.testing import TestService
 from tunnel.testing._pb.grpchantesting import Message, TestServiceStub
 
@@ -34,7 +36,10 @@ async def _requests(n: int) -> AsyncIterator[Message]:
 
 
 async def main() -> None:
-    server = Server([TunnelServiceHandler([TestService()])])
+    handler = TunnelServiceHandler(
+        [TestService()], affinity_key=lambda tunnel: tunnel.metadata.get("device-id")
+    )
+    server = Server([handler])
     sock = _listen()
     port = sock.getsockname()[1]
     await server.start(sock=sock)
@@ -62,6 +67,19 @@ async def main() -> None:
             except GRPCError as exc:
                 print(f"error status:     {exc.status.name} {exc.message!r}")
         print("tunnel closed")
+
+        # Reverse: the client serves, the server calls.
+        device = ReverseTunnelServer(channel, [TestService()])
+        serving = asyncio.create_task(device.serve_forever(metadata={"device-id": "dev-1"}))
+        to_device = handler.key_as_channel("dev-1")
+        async with asyncio.timeout(10):
+            await to_device.wait_ready()
+        print(f"reverse tunnel open: device 'dev-1' registered ({to_device!r})")
+        reply = await TestServiceStub(to_device).unary(Message(payload=b"ping the device"))
+        print(f"server -> device: {reply.payload!r}")
+        device.close()
+        await serving
+        print(f"device closed, key 'dev-1' ready: {to_device.is_ready()}")
     finally:
         channel.close()
         server.close()
