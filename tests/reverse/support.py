@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpclib.client
+import grpclib.config
 import grpclib.events
 import grpclib.server
 
@@ -121,6 +122,7 @@ async def router(
     services: Iterable[Any] = (),
     port: int = 0,
     listeners: Iterable[tuple[type[Any], Any]] = (),
+    config: grpclib.config.Configuration | None = None,
 ) -> AsyncIterator[Router]:
     """A grpclib server with *handler* (default: key by ``x-key``) on 127.0.0.1.
 
@@ -129,7 +131,7 @@ async def router(
     """
     if handler is None:
         handler = tunnel.TunnelServiceHandler(affinity_key=key_from_metadata)
-    server = grpclib.server.Server([handler, *services])
+    server = grpclib.server.Server([handler, *services], config=config)
     for event_type, callback in listeners:
         grpclib.events.listen(server, event_type, callback)
     connections: list[Any] = []
@@ -289,3 +291,61 @@ class LogWatch(logging.Handler):
 
     def __exit__(self, *exc: object) -> None:
         logging.getLogger("tunnel").removeHandler(self)
+
+
+class Proxy:
+    """A TCP proxy on 127.0.0.1 that can turn into a black hole.
+
+    ``freeze()`` makes every open connection silently drop what it gets,
+    both ways, and never pass on a close: the peer at either end looks
+    alive to TCP but answers nothing, which only keepalive can detect.
+    New connections after ``thaw()`` work again.
+    """
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: list[asyncio.StreamWriter] = []
+        self._generation = [False]
+
+    def freeze(self) -> None:
+        self._generation[0] = True
+        self._generation = [False]  # connections from now on flow again
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        frozen = self._generation
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        self._writers += [writer, up_writer]
+        for src, dst in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.create_task(self._pump(src, dst, frozen))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    @staticmethod
+    async def _pump(
+        src: asyncio.StreamReader, dst: asyncio.StreamWriter, frozen: list[bool]
+    ) -> None:
+        while data := await src.read(65536):
+            if not frozen[0]:
+                dst.write(data)
+                await dst.drain()
+        if not frozen[0]:
+            dst.close()
+
+    async def __aenter__(self) -> Proxy:
+        sock = listening_socket()
+        self.port = sock.getsockname()[1]
+        self._server = await asyncio.start_server(self._accept, sock=sock)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in self._writers:
+            writer.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._server.wait_closed()

@@ -8,14 +8,19 @@ import logging
 import pytest
 from grpclib.config import Configuration
 
+import tunnel
+
 from .support import (
     KEY_HEADER,
     PROMPT,
     TEST_TIMEOUT,
     Device,
     LogWatch,
+    Proxy,
+    Recorder,
     connected,
     device_server,
+    key_from_metadata,
     registered,
     router,
     who,
@@ -138,3 +143,52 @@ async def test_serve_forever_rejects_bad_backoff() -> None:
         ):
             with pytest.raises(ValueError):
                 await running.server.serve_forever(**bad)  # type: ignore[arg-type]
+
+
+#: Keepalive tight enough for a test: a silent peer is found within ~1 s.
+FAST_KEEPALIVE = Configuration(
+    _keepalive_time=0.2,
+    _keepalive_timeout=0.5,
+    _keepalive_permit_without_calls=True,
+    _http2_max_pings_without_data=0,
+    _http2_min_sent_ping_interval_without_data=0.2,
+)
+
+
+async def test_keepalive_finds_a_silent_peer_on_both_ends() -> None:
+    """The path goes dead without a FIN or RST: keepalive ends the tunnel on both ends.
+
+    The device's serve_forever reconnects; the network server's pool forgets
+    the dead tunnel instead of handing it out.
+    """
+    log = Recorder()
+    handler = tunnel.TunnelServiceHandler(
+        affinity_key=key_from_metadata,
+        on_reverse_tunnel_open=lambda c: log.add("open", c),
+        on_reverse_tunnel_close=lambda c: log.add("close", c),
+    )
+    with LogWatch("reconnecting in") as reconnects:
+        async with (
+            asyncio.timeout(TEST_TIMEOUT),
+            router(handler, config=FAST_KEEPALIVE) as net,
+            Proxy(net.port) as proxy,
+            connected(proxy.port, config=FAST_KEEPALIVE) as channel,
+            device_server(channel, [Device("dev")]) as running,
+        ):
+            forever = asyncio.create_task(
+                running.server.serve_forever({KEY_HEADER: "dev"}, **BACKOFF)
+            )
+            running.tasks.append(forever)
+            await registered(handler, "dev", forever)
+            assert await who(handler.key_as_channel("dev")) == "dev"
+
+            proxy.freeze()
+            async with asyncio.timeout(5):
+                await log.wait_for("close")  # the network server noticed
+                await reconnects.wait(1)  # the device noticed
+                await log.wait_for("open", 2)  # and came back
+            assert len(handler.all_reverse_tunnels()) == 1
+            assert await who(handler.key_as_channel("dev")) == "dev"
+            running.server.close()
+            async with asyncio.timeout(PROMPT):
+                await forever
