@@ -77,7 +77,11 @@ class ClientTunnel:
             max_metadata_size=options.max_metadata_size,
         )
         self.driver: Driver[ServerToClient, ClientToServer] = Driver(
-            self.core, self.core.receive_frame, carrier.send, carrier.recv
+            self.core,
+            self.core.receive_frame,
+            carrier.send,
+            carrier.recv,
+            getattr(carrier, "send_batch", None),
         )
         self.calls: dict[int, TunnelClientStream[object, object]] = {}
         #: Why the tunnel ended; None while open and after a clean close.

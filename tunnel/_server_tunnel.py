@@ -113,7 +113,11 @@ class ServerTunnel:
             max_metadata_size=options.max_metadata_size,
         )
         self.driver: Driver[ClientToServer, ServerToClient] = Driver(
-            self.core, self.core.receive_frame, carrier.send, carrier.recv
+            self.core,
+            self.core.receive_frame,
+            carrier.send,
+            carrier.recv,
+            getattr(carrier, "send_batch", None),
         )
         self._streams: dict[int, TunnelServerStream[Any, Any]] = {}
         self._tasks: dict[int, asyncio.Task[None]] = {}

@@ -27,6 +27,7 @@ from multidict import MultiDict
 
 from ._client_stream import TunnelClientStream
 from ._client_tunnel import ClientTunnel
+from ._framing import batch_sender
 from ._pb.tunnel_pb2 import ClientToServer, ServerToClient
 from .options import TunnelOptions
 
@@ -142,6 +143,7 @@ class _ForwardCarrier:
     def __init__(self, stream: grpclib.client.Stream[ClientToServer, ServerToClient]) -> None:
         self._stream = stream
         self.peer: Peer | None = stream.peer
+        self.send_batch = batch_sender(stream)
         self._ended = False
         self._finished = False
 

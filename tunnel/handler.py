@@ -22,6 +22,7 @@ from grpclib.events import _DispatchServerEvents
 from grpclib.exceptions import GRPCError
 from multidict import MultiDict
 
+from ._framing import batch_sender
 from ._pb.tunnel_pb2 import ClientToServer, ServerToClient
 from ._server_tunnel import ServerTunnel, TunnelInfo
 from .channel import NEGOTIATE_HEADER, OPEN_TUNNEL, TunnelChannel
@@ -42,6 +43,7 @@ __all__ = ["TunnelServiceHandler"]
 class _ServerCarrier:
     def __init__(self, stream: grpclib.server.Stream[Any, Any]) -> None:
         self._stream = stream
+        self.send_batch = batch_sender(stream)
 
     async def send(self, frame: ServerToClient) -> None:
         await self._stream.send_message(frame)
