@@ -43,6 +43,31 @@ _SendType = TypeVar("_SendType")
 _RecvType = TypeVar("_RecvType")
 
 
+class _DeadlineWrapper(DeadlineWrapper):
+    """grpclib's deadline wrapper, leaving the caller's task as it found it.
+
+    When the deadline passes, grpclib cancels the tasks waiting on the call
+    and turns their ``CancelledError`` into ``asyncio.TimeoutError``, but
+    leaves each task marked as being cancelled (``Task.cancelling()``).  A
+    later ``asyncio.timeout()`` or ``TaskGroup`` in that task then misreads
+    its own state.  The cancellation was ours, so we take it back.
+    """
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_val: BaseException | None,
+        exc_tb: TracebackType | None,
+    ) -> None:
+        ours = self._error is not None and exc_type is asyncio.CancelledError
+        task = asyncio.current_task()
+        try:
+            super().__exit__(exc_type, exc_val, exc_tb)
+        finally:
+            if ours and task is not None and task.cancelling():
+                task.uncancel()
+
+
 def status_error(status: StatusProto, details_codec: StatusDetailsCodecBase | None) -> GRPCError:
     """The ``GRPCError`` a caller sees for a non-OK ``google.rpc.Status``."""
     try:
@@ -359,7 +384,7 @@ class TunnelClientStream(
         if self._deadline is None:
             self._wrapper = Wrapper()
         else:
-            wrapper = DeadlineWrapper()
+            wrapper = _DeadlineWrapper()
             self._wrapper = wrapper
             self._wrapper_ctx = wrapper.start(self._deadline)
             self._wrapper_ctx.__enter__()

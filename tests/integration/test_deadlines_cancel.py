@@ -91,6 +91,32 @@ async def test_local_deadline_raises_timeout_error(kind: str, tunneled: bool) ->
             await waiter.cancelled.wait()
 
 
+async def test_local_deadline_leaves_the_callers_task_usable() -> None:
+    """After a tunneled call's deadline, the caller's task is not left "cancelling".
+
+    grpclib's own deadline handling leaves ``Task.cancelling()`` raised, so a
+    later ``asyncio.timeout()`` in the same task would misread its state; a
+    tunneled call takes back the cancellation it caused.
+    """
+    waiter = Waiter()
+    service = waiter.service()
+    async with (
+        serving([service, tunnel.TunnelServiceHandler([service])]) as served,
+        tunnel_over(served.port) as through_tunnel,
+    ):
+        task = asyncio.current_task()
+        assert task is not None
+        with pytest.raises(asyncio.TimeoutError):
+            await wait_with_timeout(through_tunnel, "Unary", 0.1)
+        assert task.cancelling() == 0
+        # A timeout of the task's own still behaves: it fires, as TimeoutError.
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.01):
+                await asyncio.Event().wait()
+        async with asyncio.timeout(5):
+            await waiter.cancelled.wait()
+
+
 @pytest.mark.parametrize("disable_fc", FLOW_CONTROL, ids=fc_id)
 async def test_handler_deadline_cancels_the_handler(disable_fc: bool) -> None:
     """The server enforces the deadline itself: DEADLINE_EXCEEDED, handler cancelled.
