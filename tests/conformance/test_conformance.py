@@ -14,7 +14,14 @@ import pytest
 from grpclib.const import Status
 
 from tests.conftest import Mode
-from tunnel.testing.conformance import CASES, Case, CaseResult, run_case
+from tunnel.testing.conformance import (
+    CASES,
+    Case,
+    CaseResult,
+    run_case,
+    run_conformance,
+    verify_conformance,
+)
 
 # A plain grpclib server answers an unknown method with UNIMPLEMENTED but
 # without a content-type header, so a grpclib client reports this instead
@@ -47,3 +54,16 @@ async def test_case(
         return
     case.check(expected)
     assert actual == expected
+
+
+async def test_self_test(mode: Mode, channel: grpclib.client.Channel) -> None:
+    """The user-facing self-test: all cases in one task, checked against the contract."""
+    results = await run_conformance(channel)
+    if mode.tunneled:
+        verify_conformance(results)
+        return
+    # A plain grpclib server breaks the contract on exactly one case.
+    assert results["unknown_method"] == GRPCLIB_UNKNOWN_METHOD
+    for case in CASES:
+        if case.name != "unknown_method":
+            case.check(results[case.name])

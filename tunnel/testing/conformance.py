@@ -773,12 +773,21 @@ CASES: tuple[Case, ...] = (
 async def run_case(
     case: Case, channel: grpclib.client.Channel, *, timeout: float = DEFAULT_CASE_TIMEOUT
 ) -> CaseResult:
-    """Run one case, recording ``error="hang"`` if it has no outcome within *timeout* s."""
-    try:
-        async with asyncio.timeout(timeout):
-            return await case.run(channel)
-    except TimeoutError:
-        return CaseResult(status=None, error="hang")
+    """Run one case, recording ``error="hang"`` if it has no outcome within *timeout* s.
+
+    The case runs in a task of its own: grpclib's deadline handling leaves the
+    task it cancelled marked as cancelling, which would confuse the next case
+    run in the same task.
+    """
+
+    async def run() -> CaseResult:
+        try:
+            async with asyncio.timeout(timeout):
+                return await case.run(channel)
+        except TimeoutError:
+            return CaseResult(status=None, error="hang")
+
+    return await asyncio.create_task(run(), name=f"conformance case {case.name}")
 
 
 async def run_conformance(
