@@ -36,6 +36,7 @@ from multidict import MultiDict
 
 from ._client_stream import TunnelClientStream
 from ._client_tunnel import ClientTunnel
+from ._framing import batch_sender
 from ._pb.tunnel_pb2 import ClientToServer, ServerToClient
 from ._server_tunnel import ServerTunnel, TunnelInfo
 from .channel import NEGOTIATE_HEADER, TunnelChannel
@@ -194,6 +195,7 @@ class _ReverseServerCarrier:
     def __init__(self, stream: grpclib.server.Stream[Any, Any]) -> None:
         self._stream = stream
         self.peer: Peer | None = stream.peer
+        self.send_batch = batch_sender(stream)
 
     async def send(self, frame: ClientToServer) -> None:
         await self._stream.send_message(frame)
@@ -282,6 +284,7 @@ class _ReverseClientCarrier:
 
     def __init__(self, stream: grpclib.client.Stream[ServerToClient, ClientToServer]) -> None:
         self._stream = stream
+        self.send_batch = batch_sender(stream)
 
     async def send(self, frame: ServerToClient) -> None:
         await self._stream.send_message(frame)
