@@ -365,10 +365,11 @@ def test_server_replay(transcript: Transcript) -> None:
     replay_server(transcript)
 
 
-def test_client_replay(transcript: Transcript) -> None:
-    if transcript.name == "fwd_legacy_unary_ok":
-        pytest.skip("its tunnel client was written by hand, not the reference")
-    replay_client(transcript)
+# fwd_legacy_unary_ok's tunnel client was written by hand, not the reference,
+# so there is no reference client behaviour to compare ours with.
+@pytest.mark.parametrize("name", [name for name in transcripts() if name != "fwd_legacy_unary_ok"])
+def test_client_replay(name: str) -> None:
+    replay_client(load(name))
 
 
 # -- nonutf8_*: where we differ on purpose ---------------------------------------------
