@@ -17,7 +17,7 @@ two deliberate differences that make tunnels safer than a bare connection:
 from __future__ import annotations
 
 import asyncio
-from collections import deque
+import functools
 from types import TracebackType
 from typing import TYPE_CHECKING, Generic, TypeVar
 
@@ -32,6 +32,7 @@ from grpclib.utils import DeadlineWrapper, Wrapper
 from multidict import MultiDict
 
 from ._core.metadata import MetadataError, MetadataPairs
+from ._inbox import Inbox
 from .errors import TunnelClosedError
 
 if TYPE_CHECKING:
@@ -128,8 +129,7 @@ class TunnelClientStream(
 
         self._stream_id = 0
         self._headers: MetadataPairs | None = None
-        self._chunks: deque[tuple[bytes, bool]] = deque()
-        self._partial: list[bytes] = []
+        self._inbox = Inbox()
         self._discard = False
         #: Set once the stream is over: (status or None for OK, trailers).
         self._end: tuple[StatusProto | None, MetadataPairs] | None = None
@@ -146,7 +146,7 @@ class TunnelClientStream(
         if self._discard:
             self._tunnel.acknowledge(self._stream_id, len(data))
             return
-        self._chunks.append((data, end_of_message))
+        self._inbox.put(data, end_of_message)
         self._changed.set()
 
     def _on_end(self, status: StatusProto | None, trailers: MetadataPairs, *, abrupt: bool) -> None:
@@ -155,8 +155,7 @@ class TunnelClientStream(
         self._end = (status, trailers)
         self._abrupt = abrupt
         if abrupt:
-            self._chunks.clear()
-            self._partial.clear()
+            self._inbox.clear()
         self._changed.set()
 
     async def _wait_change(self) -> None:
@@ -199,6 +198,7 @@ class TunnelClientStream(
                 raise GRPCError(Status.UNAVAILABLE, str(exc)) from None
             except MetadataError as exc:
                 raise ValueError(str(exc)) from None
+            self._inbox.acknowledge = functools.partial(self._tunnel.acknowledge, self._stream_id)
             self._send_request_done = True
             if end:
                 self._tunnel.core.half_close(self._stream_id)
@@ -288,20 +288,10 @@ class TunnelClientStream(
             return message  # type: ignore[no-any-return]
 
     async def _read_message(self) -> bytes | None:
-        partial = self._partial
-        tunnel = self._tunnel
         while True:
-            chunks = self._chunks
-            while chunks:
-                data, last = chunks.popleft()
-                tunnel.acknowledge(self._stream_id, len(data))
-                if last:
-                    if partial:
-                        partial.append(data)
-                        data = b"".join(partial)
-                        partial.clear()
-                    return data
-                partial.append(data)
+            data = self._inbox.take()
+            if data is not None:
+                return data
             if self._end is not None:
                 self._raise_if_abrupt()
                 if self._end[0] is not None and not self._outgoing_ended():
@@ -337,17 +327,11 @@ class TunnelClientStream(
             # Nobody will read what is still unread: give its window back so
             # the server is never stuck behind it (grpclib would hang here).
             self._discard = True
-            self._drop_unread()
+            self._inbox.discard()
             while self._end is None:
                 await self._wait_change()
-                self._drop_unread()
+                self._inbox.discard()
             await self._finish_trailers()
-
-    def _drop_unread(self) -> None:
-        while self._chunks:
-            data, _ = self._chunks.popleft()
-            self._tunnel.acknowledge(self._stream_id, len(data))
-        self._partial.clear()
 
     async def _finish_trailers(self) -> None:
         assert self._end is not None

@@ -9,8 +9,8 @@ mapping of outcomes to statuses follow grpclib's server ``Stream``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-from collections import deque
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import grpclib.server
@@ -22,6 +22,8 @@ from grpclib.exceptions import ProtocolError, StreamTerminatedError
 from grpclib.metadata import Deadline, _Metadata, _MetadataLike, encode_metadata
 from grpclib.protocol import Peer
 from multidict import MultiDict
+
+from ._inbox import Inbox
 
 if TYPE_CHECKING:
     from ._server_tunnel import ServerTunnel
@@ -77,8 +79,7 @@ class TunnelServerStream(
         self._send_trailing_metadata_done = False
         self._cancel_done = False
 
-        self._chunks: deque[tuple[bytes, bool]] = deque()
-        self._partial: list[bytes] = []
+        self._inbox = Inbox(functools.partial(tunnel.acknowledge, stream_id))
         self._half_closed = False
         self._reset = False
         self._changed = asyncio.Event()
@@ -86,7 +87,7 @@ class TunnelServerStream(
     # -- events from the tunnel ----------------------------------------------
 
     def _on_data(self, data: bytes, end_of_message: bool) -> None:
-        self._chunks.append((data, end_of_message))
+        self._inbox.put(data, end_of_message)
         self._changed.set()
 
     def _on_half_close(self) -> None:
@@ -95,7 +96,7 @@ class TunnelServerStream(
 
     def _on_reset(self) -> None:
         self._reset = True
-        self._chunks.clear()
+        self._inbox.clear()
         self._changed.set()
 
     @property
@@ -106,22 +107,12 @@ class TunnelServerStream(
     # -- receiving ---------------------------------------------------------------
 
     async def recv_message(self) -> _RecvType | None:
-        partial = self._partial
-        tunnel = self._tunnel
         while True:
-            chunks = self._chunks
-            while chunks:
-                data, last = chunks.popleft()
-                tunnel.acknowledge(self._stream_id, len(data))
-                if last:
-                    if partial:
-                        partial.append(data)
-                        data = b"".join(partial)
-                        partial.clear()
-                    message = self._codec.decode(data, self._recv_type)
-                    (message,) = await self._dispatch.recv_message(message)
-                    return message  # type: ignore[no-any-return]
-                partial.append(data)
+            data = self._inbox.take()
+            if data is not None:
+                message = self._codec.decode(data, self._recv_type)
+                (message,) = await self._dispatch.recv_message(message)
+                return message  # type: ignore[no-any-return]
             if self._reset:
                 raise StreamTerminatedError("stream was reset by the tunnel client")
             if self._half_closed:

@@ -25,9 +25,9 @@ from grpclib.metadata import Deadline, _Metadata, _MetadataLike
 from grpclib.protocol import Peer
 from multidict import MultiDict
 
+from ._carrier import StreamCarrier
 from ._client_stream import TunnelClientStream
 from ._client_tunnel import ClientTunnel
-from ._framing import batch_sender
 from ._pb.tunnel_pb2 import ClientToServer, ServerToClient
 from .options import TunnelOptions
 
@@ -86,10 +86,33 @@ class TunnelChannel(grpclib.client.Channel):
         deadline: Deadline | None = None,
         metadata: _MetadataLike | None = None,
     ) -> TunnelClientStream[_SendType, _RecvType]:
-        if timeout is not None and deadline is None:
-            deadline = Deadline.from_timeout(timeout)
-        elif timeout is not None and deadline is not None:
-            deadline = min(Deadline.from_timeout(timeout), deadline)
+        return self._call(
+            name,
+            cardinality,
+            request_type,
+            reply_type,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+            dispatch=self.__dispatch__,
+        )
+
+    def _call(
+        self,
+        name: str,
+        cardinality: Cardinality,
+        request_type: type[_SendType],
+        reply_type: type[_RecvType],
+        *,
+        timeout: float | None,
+        deadline: Deadline | None,
+        metadata: _MetadataLike | None,
+        dispatch: _DispatchChannelEvents,
+    ) -> TunnelClientStream[_SendType, _RecvType]:
+        """A call on this tunnel whose client events go to ``dispatch``."""
+        if timeout is not None:
+            timeout_deadline = Deadline.from_timeout(timeout)
+            deadline = timeout_deadline if deadline is None else min(deadline, timeout_deadline)
         return TunnelClientStream(
             self._tunnel,
             name,
@@ -99,7 +122,7 @@ class TunnelChannel(grpclib.client.Channel):
             reply_type,
             codec=self._codec,
             status_details_codec=self._status_details_codec,
-            dispatch=self.__dispatch__,
+            dispatch=dispatch,
             deadline=deadline,
         )
 
@@ -137,21 +160,13 @@ class TunnelChannel(grpclib.client.Channel):
         return f"<TunnelChannel {state} peer={self.peer and self.peer.addr()}>"
 
 
-class _ForwardCarrier:
+class _ForwardCarrier(StreamCarrier[ClientToServer, ServerToClient]):
     """The carrying ``OpenTunnel`` call, from the network client's side."""
 
     def __init__(self, stream: grpclib.client.Stream[ClientToServer, ServerToClient]) -> None:
-        self._stream = stream
-        self.peer: Peer | None = stream.peer
-        self.send_batch = batch_sender(stream)
+        super().__init__(stream)
         self._ended = False
         self._finished = False
-
-    async def send(self, frame: ClientToServer) -> None:
-        await self._stream.send_message(frame)
-
-    async def recv(self) -> ServerToClient | None:
-        return await self._stream.recv_message()
 
     async def end(self) -> None:
         if not self._ended:

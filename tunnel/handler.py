@@ -22,7 +22,7 @@ from grpclib.events import _DispatchServerEvents
 from grpclib.exceptions import GRPCError
 from multidict import MultiDict
 
-from ._framing import batch_sender
+from ._carrier import StreamCarrier
 from ._pb.tunnel_pb2 import ClientToServer, ServerToClient
 from ._server_tunnel import ServerTunnel, TunnelInfo
 from .channel import NEGOTIATE_HEADER, OPEN_TUNNEL, TunnelChannel
@@ -38,18 +38,6 @@ from .reverse import (
 )
 
 __all__ = ["TunnelServiceHandler"]
-
-
-class _ServerCarrier:
-    def __init__(self, stream: grpclib.server.Stream[Any, Any]) -> None:
-        self._stream = stream
-        self.send_batch = batch_sender(stream)
-
-    async def send(self, frame: ServerToClient) -> None:
-        await self._stream.send_message(frame)
-
-    async def recv(self) -> ClientToServer | None:
-        return await self._stream.recv_message()
 
 
 async def _end_carrying_call(stream: grpclib.server.Stream[Any, Any], timeout: float) -> None:
@@ -139,7 +127,7 @@ class TunnelServiceHandler:
         # and listeners may put credentials in them.
         await stream.send_initial_metadata(metadata=response_md)
         tunnel = ServerTunnel(
-            _ServerCarrier(stream),
+            StreamCarrier[ServerToClient, ClientToServer](stream),
             self._mapping,
             info=TunnelInfo(
                 metadata=MultiDict(stream.metadata or ()),

@@ -21,7 +21,7 @@ import itertools
 import logging
 import random
 from collections.abc import Awaitable, Callable, Collection, Hashable, Mapping
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import grpclib.client
 import grpclib.server
@@ -30,13 +30,12 @@ from grpclib.const import Cardinality, Handler, Status
 from grpclib.encoding.proto import ProtoCodec, ProtoStatusDetailsCodec
 from grpclib.events import _DispatchChannelEvents, _DispatchServerEvents
 from grpclib.exceptions import GRPCError
-from grpclib.metadata import Deadline, _Metadata, _MetadataLike
-from grpclib.protocol import Peer
+from grpclib.metadata import Deadline, _MetadataLike
 from multidict import MultiDict
 
+from ._carrier import StreamCarrier
 from ._client_stream import TunnelClientStream
 from ._client_tunnel import ClientTunnel
-from ._framing import batch_sender
 from ._pb.tunnel_pb2 import ClientToServer, ServerToClient
 from ._server_tunnel import ServerTunnel, TunnelInfo
 from .channel import NEGOTIATE_HEADER, TunnelChannel
@@ -153,20 +152,15 @@ class ReverseChannel(grpclib.client.Channel):
         channel = self._pool.pick()
         if channel is None:
             raise GRPCError(Status.UNAVAILABLE, f"no reverse tunnel {self._description}")
-        if timeout is not None:
-            timeout_deadline = Deadline.from_timeout(timeout)
-            deadline = timeout_deadline if deadline is None else min(deadline, timeout_deadline)
-        return TunnelClientStream(
-            channel._tunnel,
+        return channel._call(
             name,
-            cast(_Metadata, MultiDict(metadata or ())),
             cardinality,
             request_type,
             reply_type,
-            codec=self._codec,
-            status_details_codec=self._status_details_codec,
-            dispatch=self.__dispatch__,
+            timeout=timeout,
             deadline=deadline,
+            metadata=metadata,
+            dispatch=self.__dispatch__,
         )
 
     async def __connect__(self) -> Any:
@@ -182,7 +176,7 @@ class ReverseChannel(grpclib.client.Channel):
         return f"<ReverseChannel {self._description}: {len(self._pool.channels)} tunnel(s)>"
 
 
-class _ReverseServerCarrier:
+class _ReverseServerCarrier(StreamCarrier[ClientToServer, ServerToClient]):
     """The carrying ``OpenReverseTunnel`` call, from the network server's side.
 
     The network server cannot half-close a call it serves: it ends the
@@ -191,18 +185,6 @@ class _ReverseServerCarrier:
     """
 
     can_half_close = False
-
-    def __init__(self, stream: grpclib.server.Stream[Any, Any]) -> None:
-        self._stream = stream
-        self.peer: Peer | None = stream.peer
-        self.send_batch = batch_sender(stream)
-
-    async def send(self, frame: ClientToServer) -> None:
-        await self._stream.send_message(frame)
-
-    async def recv(self) -> ServerToClient | None:
-        frame: ServerToClient | None = await self._stream.recv_message()
-        return frame
 
     async def end(self) -> None:
         pass
@@ -277,20 +259,6 @@ async def serve_reverse_tunnel(
 
 
 # -- the network client's side ----------------------------------------------------------
-
-
-class _ReverseClientCarrier:
-    """The carrying ``OpenReverseTunnel`` call, from the network client's side."""
-
-    def __init__(self, stream: grpclib.client.Stream[ServerToClient, ClientToServer]) -> None:
-        self._stream = stream
-        self.send_batch = batch_sender(stream)
-
-    async def send(self, frame: ServerToClient) -> None:
-        await self._stream.send_message(frame)
-
-    async def recv(self) -> ClientToServer | None:
-        return await self._stream.recv_message()
 
 
 class _Closed(Exception):
@@ -376,7 +344,7 @@ class ReverseTunnelServer:
         response_md: MultiDict[Any] = MultiDict(stream.initial_metadata or ())
         self.response_metadata = response_md
         tunnel = ServerTunnel(
-            _ReverseClientCarrier(stream),
+            StreamCarrier[ServerToClient, ClientToServer](stream),
             self._mapping,
             info=TunnelInfo(
                 metadata=metadata,

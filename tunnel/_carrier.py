@@ -1,4 +1,12 @@
-"""Writing several tunnel frames to the carrying stream in one go.
+"""The carrying gRPC stream, as the tunnel's driver sees it.
+
+A tunnel needs four things of the call that carries it: send a frame,
+receive a frame, and (for the ends that can) close its side and collect the
+final status.  ``StreamCarrier`` provides the first two over any grpclib
+stream, client or server side, plain or tunneled; the forward and reverse
+modules add the rest where it applies.
+
+Writing several tunnel frames in one go:
 
 A tunneled unary call takes at least six frames.  Sent one by one through
 grpclib's ``send_message``, each frame becomes its own HTTP/2 DATA frame and
@@ -19,11 +27,12 @@ another tunnel, frames are sent one by one with the public API.  grpclib's
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from google.protobuf.message import Message
+from grpclib.protocol import Peer
 
-__all__ = ["BatchSender", "batch_sender"]
+__all__ = ["BatchSender", "StreamCarrier", "batch_sender"]
 
 BatchSender = Callable[[Sequence[Message]], Awaitable[None]]
 
@@ -44,3 +53,27 @@ def batch_sender(grpclib_stream: Any) -> BatchSender | None:
         await send_data(b"".join(parts))
 
     return send_batch
+
+
+SendFrame = TypeVar("SendFrame", bound=Message)
+RecvFrame = TypeVar("RecvFrame", bound=Message)
+
+
+class StreamCarrier(Generic[SendFrame, RecvFrame]):
+    """Frames over a grpclib stream (client or server side) that is open.
+
+    A client stream must have sent its request, so that ``peer`` and the
+    HTTP/2 stream behind it exist.
+    """
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self.peer: Peer | None = getattr(stream, "peer", None)
+        self.send_batch = batch_sender(stream)
+
+    async def send(self, frame: SendFrame) -> None:
+        await self._stream.send_message(frame)
+
+    async def recv(self) -> RecvFrame | None:
+        frame: RecvFrame | None = await self._stream.recv_message()
+        return frame
