@@ -37,7 +37,7 @@ from .._pb.tunnel_pb2 import (
 from ..errors import LocalProtocolError, NegotiationError, RemoteProtocolError
 from .connection import Connection, StreamState
 from .events import DataReceived, Event, HeadersReceived, Negotiated, StreamEnded
-from .flow import INITIAL_WINDOW_SIZE, InboundMessages, StreamFault
+from .flow import INITIAL_WINDOW_SIZE, StreamFault
 from .metadata import MetadataError, MetadataPairs, decode_metadata, encode_metadata
 
 __all__ = ["TunnelClientProtocol"]
@@ -119,17 +119,12 @@ class TunnelClientProtocol(Connection[ClientToServer]):
             headers.md["grpc-timeout"].val.append(encode_timeout(max(timeout, 0.0)))
         self._last_id += 1
         stream_id = self._last_id
-        flow = self.revision == REVISION_ONE
-        st = StreamState(
+        st = self._add_stream(
             stream_id,
             cardinality,
-            send_window=self._initial_send_window if flow else None,
-            inbound=InboundMessages(
-                limit=self.max_receive_message_length,
-                window=INITIAL_WINDOW_SIZE if flow else None,
-            ),
+            send_window=self._initial_send_window,
+            flow_control=self.revision == REVISION_ONE,
         )
-        self._streams[stream_id] = st
         self._queue(st, ClientToServer(stream_id=stream_id, new_stream=new_stream))
         return stream_id
 

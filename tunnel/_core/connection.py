@@ -25,7 +25,7 @@ from grpclib.const import Cardinality
 
 from ..errors import LocalProtocolError, RemoteProtocolError
 from .events import Event
-from .flow import MAX_WINDOW, InboundMessages, OutboundMessage
+from .flow import INITIAL_WINDOW_SIZE, MAX_WINDOW, InboundMessages, OutboundMessage
 
 __all__ = ["Connection", "StreamState"]
 
@@ -210,6 +210,27 @@ class Connection(Generic[OutFrame]):
     def _forget(self, st: StreamState) -> None:
         if self._streams.get(st.id) is st:
             del self._streams[st.id]
+
+    def _add_stream(
+        self,
+        stream_id: int,
+        cardinality: Cardinality,
+        *,
+        send_window: int,
+        flow_control: bool,
+    ) -> StreamState:
+        """A new stream: windows under revision one, none under revision zero."""
+        st = StreamState(
+            stream_id,
+            cardinality,
+            send_window=send_window if flow_control else None,
+            inbound=InboundMessages(
+                limit=self.max_receive_message_length,
+                window=INITIAL_WINDOW_SIZE if flow_control else None,
+            ),
+        )
+        self._streams[stream_id] = st
+        return st
 
     def is_open(self, stream_id: int) -> bool:
         """True while a stream is neither finished nor unknown."""

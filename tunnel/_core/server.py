@@ -37,7 +37,7 @@ from .._pb.tunnel_pb2 import (
 from ..errors import LocalProtocolError, RemoteProtocolError
 from .connection import Connection, StreamState
 from .events import DataReceived, Event, HalfClosed, StreamOpened, StreamReset
-from .flow import INITIAL_WINDOW_SIZE, InboundMessages, OutboundMessage, StreamFault
+from .flow import INITIAL_WINDOW_SIZE, OutboundMessage, StreamFault
 from .metadata import MetadataError, decode_metadata, encode_metadata
 
 __all__ = ["TunnelServerProtocol", "parse_method_name"]
@@ -220,17 +220,12 @@ class TunnelServerProtocol(Connection[ServerToClient]):
             refusal.close_stream.status.message = fault.message
             self._control.append(refusal)
             return []
-        flow = new_stream.protocol_revision == REVISION_ONE
-        st = StreamState(
+        self._add_stream(
             stream_id,
             cardinality,
-            send_window=new_stream.initial_window_size if flow else None,
-            inbound=InboundMessages(
-                limit=self.max_receive_message_length,
-                window=INITIAL_WINDOW_SIZE if flow else None,
-            ),
+            send_window=new_stream.initial_window_size,
+            flow_control=new_stream.protocol_revision == REVISION_ONE,
         )
-        self._streams[stream_id] = st
         return [StreamOpened(stream_id, method, metadata, timeout, cardinality)]
 
     def _request_headers(
