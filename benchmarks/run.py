@@ -119,6 +119,23 @@ def _machine(versions: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _revision() -> str:
+    """The commit measured, and whether tunnel/ had uncommitted changes."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "tunnel"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except OSError:
+        return "unknown"
+    return head + (" with uncommitted changes in tunnel/" if dirty else "")
+
+
 def _plan(args: argparse.Namespace) -> tuple[list[tuple[str, str]], list[str]]:
     wanted = args.only.split(",") if args.only else [*GRPCLIB_KINDS, *GRPCIO_KINDS]
     unknown = set(wanted) - {*GRPCLIB_KINDS, *GRPCIO_KINDS}
@@ -231,6 +248,7 @@ def main() -> None:
     plan, skipped = _plan(args)
     command = "python -m benchmarks " + " ".join(sys.argv[1:])
 
+    revision = _revision()
     load_before = os.getloadavg()
     started = time.perf_counter()
     runs: list[dict[str, Any]] = []
@@ -246,6 +264,7 @@ def main() -> None:
         "command": command.strip(),
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "elapsed_s": time.perf_counter() - started,
+        "revision": revision,
         "budget": asdict(budget),
         "load_before": load_before,
         "load_after": load_after,
