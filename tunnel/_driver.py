@@ -27,10 +27,13 @@ __all__ = ["Driver"]
 
 log = logging.getLogger("tunnel")
 
-#: The most frames one write carries: at most 16 chunks of 16 KiB, so a
-#: batch stays small next to grpclib's 4 MiB HTTP/2 window and the loop
-#: yields to the reader between batches.
-MAX_BATCH = 16
+#: The most frames one write carries (at most 1 MiB of 16 KiB chunks, well
+#: inside grpclib's 4 MiB HTTP/2 window); the loop yields to the reader
+#: between batches.
+MAX_BATCH = 64
+#: Bytes of message data a stream may have queued before its sender waits:
+#: one flow-control window, so small messages never wait for the writer.
+SEND_BUFFER = 65_536
 
 InFrame = TypeVar("InFrame", bound=Message)
 OutFrame = TypeVar("OutFrame", bound=Message)
@@ -65,8 +68,14 @@ class Driver(Generic[InFrame, OutFrame]):
         self._wakeup.set()
 
     async def flushed(self, stream_id: int) -> None:
-        """Wait until the message data queued on a stream is written."""
-        if not self.core.buffered_message_bytes(stream_id):
+        """Wait while a stream has more than ``SEND_BUFFER`` bytes queued.
+
+        This is the back-pressure of a tunneled ``send_message``: small
+        messages return at once and go out together in the writer's next
+        batch; a sender that outruns the carrying stream or the peer's
+        window waits here, holding at most one window's worth of data.
+        """
+        if self.core.buffered_message_bytes(stream_id) <= SEND_BUFFER:
             return
         fut = self._flush_waiters.get(stream_id)
         if fut is None:
@@ -117,7 +126,7 @@ class Driver(Generic[InFrame, OutFrame]):
                 for sent in batch:
                     sid: int = sent.stream_id  # type: ignore[attr-defined]
                     fut = waiters.get(sid)
-                    if fut is not None and not core.buffered_message_bytes(sid):
+                    if fut is not None and core.buffered_message_bytes(sid) <= SEND_BUFFER:
                         del waiters[sid]
                         if not fut.done():
                             fut.set_result(None)

@@ -153,6 +153,7 @@ class TunnelClientProtocol(Connection[ClientToServer]):
             return
         announced = not _unannounced(st)
         st.pending.clear()
+        st.buffered = 0
         if announced:
             st.pending.append(ClientToServer(stream_id=stream_id, cancel=_EMPTY))
             self._schedule(st)

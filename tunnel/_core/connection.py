@@ -47,6 +47,7 @@ class StreamState:
         "send_window",
         "sending",
         "sent_messages",
+        "buffered",
     )
 
     def __init__(
@@ -76,6 +77,8 @@ class StreamState:
         self.finished = False
         #: Messages this end has queued on the stream.
         self.sent_messages = 0
+        #: Bytes of queued message data not yet cut into frames.
+        self.buffered = 0
 
 
 class Connection(Generic[OutFrame]):
@@ -134,19 +137,22 @@ class Connection(Generic[OutFrame]):
         return None
 
     def has_frames(self) -> bool:
-        """True if ``next_frame`` would return a frame."""
-        return bool(self._control) or any(self._can_send(st) for st in self._ring)
+        """True if ``next_frame`` may return a frame.
+
+        Cheap on purpose (it runs after every frame received): a stream in
+        the round-robin ring had something to send when it was put there; if
+        a cancel emptied it since, ``next_frame`` just passes it by.
+        """
+        return bool(self._control) or bool(self._ring)
 
     def buffered_message_bytes(self, stream_id: int) -> int:
         """Bytes of message data queued on a stream and not yet framed.
 
-        The adapter uses this for back-pressure: a send returns once the
-        message is framed, so a stream never holds more than one message.
+        The adapter uses this for back-pressure: a send waits while its
+        stream has more than a small budget of data queued.
         """
         st = self._streams.get(stream_id)
-        if st is None:
-            return 0
-        return sum(item.remaining for item in st.pending if isinstance(item, OutboundMessage))
+        return 0 if st is None else st.buffered
 
     def _pop_frame(self, st: StreamState) -> OutFrame | None:
         if not st.pending:
@@ -164,6 +170,7 @@ class Connection(Generic[OutFrame]):
                 return None  # blocked until a window_update arrives
         first = not head.started
         chunk = head.take(limit)
+        st.buffered -= len(chunk)
         if st.send_window is not None:
             st.send_window -= len(chunk)
         if not head.remaining:
@@ -195,6 +202,7 @@ class Connection(Generic[OutFrame]):
 
     def _queue_message(self, st: StreamState, data: bytes) -> None:
         st.pending.append(OutboundMessage(data))
+        st.buffered += len(data)
         self._schedule(st)
 
     def _finish(self, st: StreamState, *, drop_pending: bool) -> None:
@@ -204,6 +212,7 @@ class Connection(Generic[OutFrame]):
         st.receiving = False
         if drop_pending:
             st.pending.clear()
+            st.buffered = 0
         if not st.pending and not st.scheduled:
             self._forget(st)
 

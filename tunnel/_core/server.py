@@ -291,6 +291,7 @@ class TunnelServerProtocol(Connection[ServerToClient]):
         """
         kept = [item for item in st.pending if not isinstance(item, OutboundMessage)]
         st.pending.clear()
+        st.buffered = 0
         st.pending.extend(kept)
         self._schedule(st)
         if not st.pending and not st.scheduled:
@@ -306,6 +307,7 @@ class TunnelServerProtocol(Connection[ServerToClient]):
         """
         headers = [item for item in st.pending if _is_headers(item)]
         st.pending.clear()
+        st.buffered = 0
         st.pending.extend(headers[:1])
         if not st.headers_done:
             empty = ServerToClient(stream_id=st.id)
