@@ -36,6 +36,7 @@ class StreamState:
     """Everything one end knows about one stream."""
 
     __slots__ = (
+        "buffered",
         "cardinality",
         "finished",
         "headers_done",
@@ -47,7 +48,6 @@ class StreamState:
         "send_window",
         "sending",
         "sent_messages",
-        "buffered",
     )
 
     def __init__(
