@@ -1,0 +1,101 @@
+"""The public API, pinned: tests outside this repository use these names and signatures."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import grpclib.client
+import pytest
+
+import tunnel
+
+
+def parameters(func: object) -> list[tuple[str, str, object]]:
+    sig = inspect.signature(func)  # type: ignore[arg-type]
+    return [(p.name, p.kind.name, p.default) for p in sig.parameters.values()]
+
+
+def test_exports() -> None:
+    assert sorted(tunnel.__all__) == [
+        "LocalProtocolError",
+        "NegotiationError",
+        "RemoteProtocolError",
+        "ReverseChannel",
+        "ReverseTunnelServer",
+        "TunnelChannel",
+        "TunnelClosedError",
+        "TunnelError",
+        "TunnelInfo",
+        "TunnelOptions",
+        "TunnelServiceHandler",
+        "current_tunnel",
+        "open_tunnel",
+    ]
+    for name in tunnel.__all__:
+        assert getattr(tunnel, name).__module__.startswith("tunnel")
+
+
+def test_channels_are_grpclib_channels() -> None:
+    assert issubclass(tunnel.TunnelChannel, grpclib.client.Channel)
+    assert issubclass(tunnel.ReverseChannel, grpclib.client.Channel)
+    # request() keeps grpclib's exact signature, so every stub can call it.
+    assert parameters(tunnel.TunnelChannel.request) == parameters(grpclib.client.Channel.request)
+    assert parameters(tunnel.ReverseChannel.request) == parameters(grpclib.client.Channel.request)
+
+
+def test_open_tunnel_signature() -> None:
+    assert parameters(tunnel.open_tunnel) == [
+        ("channel", "POSITIONAL_OR_KEYWORD", inspect.Parameter.empty),
+        ("metadata", "KEYWORD_ONLY", None),
+        ("options", "KEYWORD_ONLY", None),
+    ]
+
+
+def test_handler_signature() -> None:
+    assert parameters(tunnel.TunnelServiceHandler.__init__) == [
+        ("self", "POSITIONAL_OR_KEYWORD", inspect.Parameter.empty),
+        ("handlers", "POSITIONAL_OR_KEYWORD", ()),
+        ("reverse_tunnels", "KEYWORD_ONLY", True),
+        ("affinity_key", "KEYWORD_ONLY", None),
+        ("on_reverse_tunnel_open", "KEYWORD_ONLY", None),
+        ("on_reverse_tunnel_close", "KEYWORD_ONLY", None),
+        ("options", "KEYWORD_ONLY", None),
+    ]
+    for method in ("as_channel", "key_as_channel", "all_reverse_tunnels", "initiate_shutdown"):
+        assert callable(getattr(tunnel.TunnelServiceHandler, method))
+
+
+def test_reverse_tunnel_server_signature() -> None:
+    assert parameters(tunnel.ReverseTunnelServer.__init__) == [
+        ("self", "POSITIONAL_OR_KEYWORD", inspect.Parameter.empty),
+        ("channel", "POSITIONAL_OR_KEYWORD", inspect.Parameter.empty),
+        ("handlers", "POSITIONAL_OR_KEYWORD", inspect.Parameter.empty),
+        ("options", "KEYWORD_ONLY", None),
+    ]
+    assert parameters(tunnel.ReverseTunnelServer.serve)[1] == (
+        "metadata",
+        "POSITIONAL_OR_KEYWORD",
+        None,
+    )
+    for method in ("serve_forever", "close", "graceful_stop", "wait_closed"):
+        assert callable(getattr(tunnel.ReverseTunnelServer, method))
+
+
+def test_options_defaults_and_validation() -> None:
+    options = tunnel.TunnelOptions()
+    assert options.disable_flow_control is False
+    assert options.max_receive_message_length == 4 * 1024 * 1024
+    assert dataclasses.is_dataclass(options)
+    with_defaults = {f.name for f in dataclasses.fields(options)}
+    assert {"disable_flow_control", "max_receive_message_length"} <= with_defaults
+    for bad in (
+        {"max_receive_message_length": 0},
+        {"max_metadata_size": -1},
+        {"negotiation_timeout": 0},
+        {"close_timeout": -1.0},
+    ):
+        with pytest.raises(ValueError):
+            tunnel.TunnelOptions(**bad)  # type: ignore[arg-type]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.disable_flow_control = True  # type: ignore[misc]
