@@ -29,6 +29,7 @@ from .channel import NEGOTIATE_HEADER, OPEN_TUNNEL, TunnelChannel
 from .errors import RemoteProtocolError
 from .options import TunnelOptions
 from .reverse import (
+    ALL,
     OPEN_REVERSE_TUNNEL,
     AffinityKey,
     ReverseChannel,
@@ -99,22 +100,22 @@ class TunnelServiceHandler:
         self._shutting_down = True
         for tunnel in self._tunnels:
             tunnel.initiate_shutdown()
-        for channel in self._pools.all.channels:
+        for channel in self._pools.channels():
             channel._tunnel.draining = True
 
     # -- reverse tunnels ---------------------------------------------------
 
     def as_channel(self) -> ReverseChannel:
         """All reverse tunnels as one channel (round-robin)."""
-        return ReverseChannel(self._pools.all, "is open")
+        return ReverseChannel(self._pools, ALL, "is open")
 
     def key_as_channel(self, key: Hashable) -> ReverseChannel:
         """The reverse tunnels with affinity ``key`` as one channel."""
-        return ReverseChannel(self._pools.key_pool(key), f"has affinity key {key!r}")
+        return ReverseChannel(self._pools, key, f"has affinity key {key!r}")
 
     def all_reverse_tunnels(self) -> list[TunnelChannel]:
         """A snapshot of the open reverse tunnels."""
-        return [c for c in self._pools.all.channels if not c.closed]
+        return [c for c in self._pools.channels() if not c.closed]
 
     async def _open_tunnel(self, stream: grpclib.server.Stream[Any, Any]) -> None:
         if not self._mapping:

@@ -59,18 +59,11 @@ _T = TypeVar("_T")
 class _Pool:
     """The open reverse tunnels of one key (or all of them), in arrival order."""
 
+    __slots__ = ("_next", "channels")
+
     def __init__(self) -> None:
         self.channels: list[TunnelChannel] = []
         self._next = 0
-        self._changed = asyncio.Event()
-
-    def add(self, channel: TunnelChannel) -> None:
-        self.channels.append(channel)
-        self._changed.set()
-
-    def remove(self, channel: TunnelChannel) -> None:
-        with contextlib.suppress(ValueError):
-            self.channels.remove(channel)
 
     def pick(self) -> TunnelChannel | None:
         """The next usable tunnel, round-robin; never one that has closed."""
@@ -83,34 +76,67 @@ class _Pool:
                 return channel
         return None
 
-    async def wait_ready(self) -> None:
-        while self.pick() is None:
-            self._changed.clear()
-            await self._changed.wait()
+    def has_usable(self) -> bool:
+        return any(channel._tunnel.usable for channel in self.channels)
+
+
+#: The key of the pool that holds every reverse tunnel.
+ALL: Hashable = object()
 
 
 class ReversePools:
-    """Every reverse tunnel a ``TunnelServiceHandler`` holds, by affinity key."""
+    """Every reverse tunnel a ``TunnelServiceHandler`` holds, by affinity key.
+
+    A pool exists only while it holds a tunnel, so keys that come and go
+    (devices by id) leave nothing behind; a ``ReverseChannel`` names its
+    pool by key and looks it up on every call.
+    """
 
     def __init__(self) -> None:
-        self.all = _Pool()
-        self.by_key: dict[Hashable, _Pool] = {}
+        self._pools: dict[Hashable, _Pool] = {}
+        self._waiters: set[asyncio.Future[None]] = set()
 
-    def key_pool(self, key: Hashable) -> _Pool:
-        pool = self.by_key.get(key)
-        if pool is None:
-            pool = self.by_key[key] = _Pool()
-        return pool
+    def pick(self, key: Hashable) -> TunnelChannel | None:
+        pool = self._pools.get(key)
+        return None if pool is None else pool.pick()
+
+    def is_ready(self, key: Hashable) -> bool:
+        pool = self._pools.get(key)
+        return pool is not None and pool.has_usable()
+
+    def channels(self, key: Hashable = ALL) -> list[TunnelChannel]:
+        pool = self._pools.get(key)
+        return [] if pool is None else list(pool.channels)
 
     def add(self, channel: TunnelChannel, key: Hashable) -> None:
-        self.all.add(channel)
-        self.key_pool(key).add(channel)
+        for pool_key in (ALL, key):
+            pool = self._pools.get(pool_key)
+            if pool is None:
+                pool = self._pools[pool_key] = _Pool()
+            pool.channels.append(channel)
+        waiters, self._waiters = self._waiters, set()
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
 
     def remove(self, channel: TunnelChannel, key: Hashable) -> None:
-        self.all.remove(channel)
-        pool = self.by_key.get(key)
-        if pool is not None:
-            pool.remove(channel)
+        for pool_key in (ALL, key):
+            pool = self._pools.get(pool_key)
+            if pool is None:
+                continue
+            with contextlib.suppress(ValueError):
+                pool.channels.remove(channel)
+            if not pool.channels:
+                del self._pools[pool_key]
+
+    async def wait_ready(self, key: Hashable) -> None:
+        while not self.is_ready(key):
+            fut = asyncio.get_running_loop().create_future()
+            self._waiters.add(fut)
+            try:
+                await fut
+            finally:
+                self._waiters.discard(fut)
 
 
 class ReverseChannel(grpclib.client.Channel):
@@ -122,8 +148,9 @@ class ReverseChannel(grpclib.client.Channel):
     """
 
     # grpclib's Channel.__init__ is deliberately not called (no connection).
-    def __init__(self, pool: _Pool, description: str) -> None:
-        self._pool = pool
+    def __init__(self, pools: ReversePools, key: Hashable, description: str) -> None:
+        self._pools = pools
+        self._key = key
         self._description = description
         self._codec = ProtoCodec()
         self._status_details_codec = ProtoStatusDetailsCodec()
@@ -132,11 +159,11 @@ class ReverseChannel(grpclib.client.Channel):
 
     def is_ready(self) -> bool:
         """True if a call made now has a tunnel to go to."""
-        return self._pool.pick() is not None
+        return self._pools.is_ready(self._key)
 
     async def wait_ready(self) -> None:
         """Return as soon as the pool has a usable tunnel (bound it yourself)."""
-        await self._pool.wait_ready()
+        await self._pools.wait_ready(self._key)
 
     def request(
         self,
@@ -149,7 +176,7 @@ class ReverseChannel(grpclib.client.Channel):
         deadline: Deadline | None = None,
         metadata: _MetadataLike | None = None,
     ) -> TunnelClientStream[_SendType, _RecvType]:
-        channel = self._pool.pick()
+        channel = self._pools.pick(self._key)
         if channel is None:
             raise GRPCError(Status.UNAVAILABLE, f"no reverse tunnel {self._description}")
         return channel._call(
@@ -173,7 +200,8 @@ class ReverseChannel(grpclib.client.Channel):
         pass
 
     def __repr__(self) -> str:
-        return f"<ReverseChannel {self._description}: {len(self._pool.channels)} tunnel(s)>"
+        count = len(self._pools.channels(self._key))
+        return f"<ReverseChannel {self._description}: {count} tunnel(s)>"
 
 
 class _ReverseServerCarrier(StreamCarrier[ClientToServer, ServerToClient]):

@@ -23,6 +23,7 @@ from .support import (
     connected,
     device,
     device_server,
+    key_from_metadata,
     registered,
     router,
     who,
@@ -190,3 +191,31 @@ async def test_key_function_and_callbacks_see_the_listeners_context() -> None:
         assert handler.all_reverse_tunnels() == []
         # Nothing under a key the listener did not set.
         assert not handler.key_as_channel(None).is_ready()
+
+
+async def test_keys_that_come_and_go_leave_nothing_behind() -> None:
+    """A router whose devices register under ever new ids must not grow.
+
+    A key's channel, made before its device registers and kept after it
+    leaves, still finds the device's next tunnel.
+    """
+    closed: asyncio.Queue[tunnel.TunnelChannel] = asyncio.Queue()
+    handler = tunnel.TunnelServiceHandler(
+        affinity_key=key_from_metadata, on_reverse_tunnel_close=closed.put_nowait
+    )
+    async with asyncio.timeout(TEST_TIMEOUT), router(handler) as net:
+        kept = handler.key_as_channel("dev-0")
+        for i in range(5):
+            async with device(net.port, handler, f"dev-{i % 2}"):
+                if i % 2 == 0:
+                    assert await who(kept) == "dev-0"
+                else:
+                    assert not kept.is_ready()
+            await closed.get()  # the server has seen this tunnel end
+        assert handler.all_reverse_tunnels() == []
+        assert not kept.is_ready()
+        # Nothing is left per key (pools live only while they hold a tunnel).
+        assert handler._pools._pools == {}
+        async with device(net.port, handler, "dev-0"):
+            assert await who(kept) == "dev-0"
+        await closed.get()
