@@ -92,10 +92,7 @@ class Router:
         grpclib's ``Server.close()`` alone keeps accepted connections open,
         and they go on accepting new calls for the stopped server's handlers.
         """
-        await stop(self.server)
-        for protocol in self.connections:
-            if hasattr(protocol, "connection"):  # made
-                protocol.connection.close()  # closes the socket
+        await stop(self.server, self.connections)
 
 
 def listening_socket(port: int = 0) -> socket.socket:
@@ -152,11 +149,20 @@ async def router(
     try:
         yield Router(server, handler, sock.getsockname()[1], connections)
     finally:
-        await stop(server)
+        await stop(server, connections)
 
 
-async def stop(server: grpclib.server.Server) -> None:
+async def stop(server: grpclib.server.Server, connections: Iterable[Any]) -> None:
+    """Close the server and drop its connections.
+
+    Since Python 3.12.1 asyncio's ``Server.wait_closed()`` (which grpclib's
+    awaits) also waits for every accepted connection to end, and a device
+    may still hold one open.
+    """
     server.close()
+    for protocol in connections:
+        if hasattr(protocol, "connection"):  # made
+            protocol.connection.close()  # closes the socket
     async with asyncio.timeout(10):
         await server.wait_closed()
 

@@ -22,7 +22,6 @@ from .support import (
     listening_socket,
     registered,
     router,
-    stop,
 )
 
 
@@ -40,7 +39,9 @@ async def test_network_server_close_ends_serve_with_unavailable() -> None:
     ):
         serving = running.serve({KEY_HEADER: "dev"})
         await registered(net.handler, "dev", serving)
-        await stop(net.server)
+        # Only close(): its wait_closed() would wait for the device's
+        # connection on Python >= 3.12.1, and that connection is the point.
+        net.server.close()
         async with asyncio.timeout(PROMPT):
             with pytest.raises(GRPCError) as failed:
                 await serving
