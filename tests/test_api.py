@@ -86,6 +86,7 @@ def test_options_defaults_and_validation() -> None:
     options = tunnel.TunnelOptions()
     assert options.disable_flow_control is False
     assert options.max_receive_message_length == 4 * 1024 * 1024
+    assert options.initial_window_size == 65_536  # what the reference announces
     assert dataclasses.is_dataclass(options)
     with_defaults = {f.name for f in dataclasses.fields(options)}
     assert {"disable_flow_control", "max_receive_message_length"} <= with_defaults
@@ -94,6 +95,8 @@ def test_options_defaults_and_validation() -> None:
         {"max_metadata_size": -1},
         {"negotiation_timeout": 0},
         {"close_timeout": -1.0},
+        {"initial_window_size": 0},
+        {"initial_window_size": 2**31},
     ):
         with pytest.raises(ValueError):
             tunnel.TunnelOptions(**bad)  # type: ignore[arg-type]

@@ -75,6 +75,7 @@ class ClientTunnel:
             disable_flow_control=options.disable_flow_control,
             max_receive_message_length=options.max_receive_message_length,
             max_metadata_size=options.max_metadata_size,
+            initial_window_size=options.initial_window_size,
         )
         self.driver: Driver[ServerToClient, ClientToServer] = Driver(
             self.core,

@@ -25,6 +25,12 @@ class TunnelOptions:
     #: carry, sent or received.  Larger metadata fails its call, never the
     #: tunnel; the reference's whole tunnel dies on a frame over 4 MiB.
     max_metadata_size: int = 64 * 1024
+    #: The flow-control window (bytes) this end grants the peer on each
+    #: stream under revision one: announced in ``Settings`` (tunnel server)
+    #: and ``NewStream`` (tunnel client).  65,536 is what the reference
+    #: announces; a larger window lets bulk transfers keep more data in
+    #: flight, at the cost of that much more buffering per stream.
+    initial_window_size: int = 65_536
     #: Seconds a tunnel client waits for the tunnel server's ``Settings``
     #: frame before it gives up on the tunnel.
     negotiation_timeout: float = 10.0
@@ -37,6 +43,8 @@ class TunnelOptions:
             raise ValueError("max_receive_message_length must be positive")
         if self.max_metadata_size <= 0:
             raise ValueError("max_metadata_size must be positive")
+        if not 0 < self.initial_window_size <= 2**31 - 1:
+            raise ValueError("initial_window_size must be between 1 and 2**31 - 1")
         if not self.negotiation_timeout > 0:
             raise ValueError("negotiation_timeout must be positive")
         if not self.close_timeout > 0:

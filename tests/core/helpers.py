@@ -89,12 +89,14 @@ class Pair:
         server_flow_control: bool = True,
         max_receive_message_length: int = 4 * 1024 * 1024,
         max_metadata_size: int = 64 * 1024,
+        initial_window_size: int = 65_536,
     ) -> None:
         self.client = TunnelClientProtocol(
             peer_negotiates=negotiate,
             disable_flow_control=not client_flow_control,
             max_receive_message_length=max_receive_message_length,
             max_metadata_size=max_metadata_size,
+            initial_window_size=initial_window_size,
         )
         self.server = TunnelServerProtocol(
             methods,
@@ -102,6 +104,7 @@ class Pair:
             disable_flow_control=not server_flow_control,
             max_receive_message_length=max_receive_message_length,
             max_metadata_size=max_metadata_size,
+            initial_window_size=initial_window_size,
         )
         #: Every frame that crossed, in order, per direction.
         self.c2s: list[ClientToServer] = []

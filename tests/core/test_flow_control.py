@@ -296,3 +296,30 @@ def test_window_update_for_a_finished_stream_is_ignored() -> None:
     server.close_stream(1, None)
     drain_server(server)
     assert server.receive_frame(client_window_update(1, 10)) == []
+
+
+# -- a configured window -------------------------------------------------------------
+
+
+def test_a_configured_window_is_announced_and_used_by_both_ends() -> None:
+    """TunnelOptions.initial_window_size: each end grants what it announces."""
+    pair = Pair(initial_window_size=262_144)
+    assert pair.s2c[0].settings.initial_window_size == 262_144
+    stream_id = pair.open(BIDI)
+    assert pair.c2s[0].new_stream.initial_window_size == 262_144
+    # Client to server: the server's announced window, not the reference's 64 KiB.
+    pair.client.send_message(stream_id, b"p" * 300_000)
+    _, server_events = pair.pump()
+    assert len(data_of(server_events)) == 262_144
+    # Server to client: the window the client announced in new_stream.
+    pair.server.send_message(stream_id, b"r" * 300_000)
+    client_events, _ = pair.pump()
+    assert len(data_of(client_events)) == 262_144
+
+
+def test_data_over_a_configured_window_is_resource_exhausted() -> None:
+    server = negotiated_server(initial_window_size=20_000)
+    server.receive_frame(new_stream(1, BIDI))
+    assert server.receive_frame(request(1, b"x" * 16_384))
+    events = server.receive_frame(request(1, b"y" * 4_000))
+    assert reset(events).code == Status.RESOURCE_EXHAUSTED.value

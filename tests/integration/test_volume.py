@@ -42,6 +42,28 @@ async def test_ten_megabyte_round_trip(disable_fc: bool) -> None:
         assert [r.payload for r in replies] == [payload]
 
 
+@pytest.mark.parametrize(
+    ("client_window", "server_window"),
+    [(MiB, MiB), (MiB, 65_536), (65_536, 4 * MiB)],
+    ids=["both-1MiB", "client-1MiB", "server-4MiB"],
+)
+async def test_configured_windows_carry_big_messages(
+    client_window: int, server_window: int
+) -> None:
+    """Each end grants the window it announces; mixed sizes interoperate."""
+    payload = os.urandom(3 * 1000 * 1000)
+    client_opts = options(initial_window_size=client_window)
+    server_opts = options(initial_window_size=server_window)
+    async with (
+        asyncio.timeout(TEST_TIMEOUT),
+        serving([tunnel.TunnelServiceHandler([TestService()], options=server_opts)]) as served,
+        tunnel_over(served.port, opts=client_opts) as channel,
+    ):
+        stub = ServiceStub(channel)
+        replies = [r async for r in stub.bidi_stream([Message(payload=payload)] * 2)]
+        assert [r.payload for r in replies] == [payload, payload]
+
+
 @pytest.mark.parametrize("disable_fc", FLOW_CONTROL, ids=fc_id)
 async def test_default_limit_fails_only_the_oversized_call(disable_fc: bool) -> None:
     """4 MiB by default, like gRPC: 5 MB fails that call, the tunnel lives on."""

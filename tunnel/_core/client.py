@@ -59,10 +59,12 @@ class TunnelClientProtocol(Connection[ClientToServer]):
         disable_flow_control: bool = False,
         max_receive_message_length: int = 4 * 1024 * 1024,
         max_metadata_size: int = 64 * 1024,
+        initial_window_size: int = INITIAL_WINDOW_SIZE,
     ) -> None:
         super().__init__(
             max_receive_message_length=max_receive_message_length,
             max_metadata_size=max_metadata_size,
+            initial_window_size=initial_window_size,
         )
         self._supported = {REVISION_ZERO} if disable_flow_control else {REVISION_ZERO, REVISION_ONE}
         #: None until negotiation is done.
@@ -109,7 +111,7 @@ class TunnelClientProtocol(Connection[ClientToServer]):
             raise LocalProtocolError("the tunnel is not ready: negotiation is not done")
         new_stream = NewStream(
             method_name=method,
-            initial_window_size=INITIAL_WINDOW_SIZE,
+            initial_window_size=self.initial_window_size,
             protocol_revision=self.revision,  # type: ignore[arg-type]
         )
         headers = new_stream.request_headers

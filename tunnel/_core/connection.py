@@ -25,7 +25,7 @@ from grpclib.const import Cardinality
 
 from ..errors import LocalProtocolError, RemoteProtocolError
 from .events import Event
-from .flow import INITIAL_WINDOW_SIZE, MAX_WINDOW, InboundMessages, OutboundMessage
+from .flow import MAX_WINDOW, InboundMessages, OutboundMessage
 
 __all__ = ["Connection", "StreamState"]
 
@@ -89,9 +89,12 @@ class Connection(Generic[OutFrame]):
         *,
         max_receive_message_length: int,
         max_metadata_size: int,
+        initial_window_size: int,
     ) -> None:
         self.max_receive_message_length = max_receive_message_length
         self.max_metadata_size = max_metadata_size
+        #: The window this end grants the peer on each stream (revision one).
+        self.initial_window_size = initial_window_size
         self._streams: dict[int, StreamState] = {}
         self._control: deque[OutFrame] = deque()
         self._ring: deque[StreamState] = deque()
@@ -235,7 +238,7 @@ class Connection(Generic[OutFrame]):
             send_window=send_window if flow_control else None,
             inbound=InboundMessages(
                 limit=self.max_receive_message_length,
-                window=INITIAL_WINDOW_SIZE if flow_control else None,
+                window=self.initial_window_size if flow_control else None,
             ),
         )
         self._streams[stream_id] = st

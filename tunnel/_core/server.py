@@ -71,10 +71,12 @@ class TunnelServerProtocol(Connection[ServerToClient]):
         disable_flow_control: bool = False,
         max_receive_message_length: int = 4 * 1024 * 1024,
         max_metadata_size: int = 64 * 1024,
+        initial_window_size: int = INITIAL_WINDOW_SIZE,
     ) -> None:
         super().__init__(
             max_receive_message_length=max_receive_message_length,
             max_metadata_size=max_metadata_size,
+            initial_window_size=initial_window_size,
         )
         self._methods = methods
         self._supported = (
@@ -84,7 +86,7 @@ class TunnelServerProtocol(Connection[ServerToClient]):
         if peer_negotiates:
             settings = Settings(
                 supported_protocol_revisions=self._supported,
-                initial_window_size=INITIAL_WINDOW_SIZE,
+                initial_window_size=self.initial_window_size,
             )
             self._control.append(ServerToClient(stream_id=-1, settings=settings))
 
