@@ -58,7 +58,7 @@ async def _measure(args: argparse.Namespace, budget: Budget) -> dict[str, Any]:
     results: dict[str, Any] = {}
     pb_dir = Path(args.pb_dir)
     setup: Any
-    if args.transport in ("direct", "forward", "reverse"):
+    if args.transport in ("direct", "forward", "reverse", "forward-wide"):
         from . import grpclib_side
 
         pb, _ = protos.load(pb_dir)

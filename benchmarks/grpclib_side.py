@@ -27,7 +27,22 @@ from . import workloads
 from .workloads import LIVE, Opener
 
 SERVICE = "/grpchantesting.TestService/"
-KINDS = ("direct", "forward", "reverse")
+KINDS = ("direct", "forward", "reverse", "forward-wide")
+
+#: ``forward-wide``: a forward tunnel whose ends both grant 1 MiB windows
+#: (``TunnelOptions.initial_window_size``) instead of the reference's 64 KiB.
+WIDE = tunnel.TunnelOptions(initial_window_size=1024 * 1024)
+
+#: Reverse tunnels register under a key of their own, so that opening one can
+#: wait for exactly that tunnel to be in the handler's pool.
+_BENCH_KEY = "bench-tunnel"
+_tunnel_ids = itertools.count()
+
+
+def _bench_key(channel: tunnel.TunnelChannel) -> object:
+    return channel.metadata.get(_BENCH_KEY)
+
+
 #: Seconds to wait for a tunnel to come up or go down.
 TIMEOUT = 30.0
 
@@ -124,17 +139,18 @@ async def _reverse_tunnel(
 ) -> AsyncIterator[None]:
     """One reverse tunnel over *channel*, registered with *handler* when entered."""
     device = tunnel.ReverseTunnelServer(channel, services)
-    target = len(handler.all_reverse_tunnels()) + 1
-    serving = asyncio.ensure_future(device.serve())
+    key = str(next(_tunnel_ids))
+    serving = asyncio.ensure_future(device.serve({_BENCH_KEY: key}))
+    ready = asyncio.ensure_future(handler.key_as_channel(key).wait_ready())
     try:
         async with asyncio.timeout(TIMEOUT):
-            while len(handler.all_reverse_tunnels()) < target:
-                if serving.done():
-                    serving.result()
-                    raise AssertionError("reverse tunnel ended before it was ready")
-                await asyncio.sleep(0.0005)
+            await asyncio.wait({serving, ready}, return_when=asyncio.FIRST_COMPLETED)
+        if serving.done():
+            serving.result()
+            raise AssertionError("reverse tunnel ended before it was ready")
         yield
     finally:
+        ready.cancel()
         device.close()
         async with asyncio.timeout(TIMEOUT):
             await asyncio.gather(serving, return_exceptions=True)
@@ -153,7 +169,11 @@ class Setup:
 async def transport(kind: str, pb: ModuleType) -> AsyncIterator[Setup]:
     """A server and a :class:`GrpclibClient` of *kind* (direct, forward, reverse)."""
     service = BenchService(pb)
-    handler = tunnel.TunnelServiceHandler([service])
+    handler = tunnel.TunnelServiceHandler(
+        [service],
+        affinity_key=_bench_key,
+        options=WIDE if kind == "forward-wide" else None,
+    )
     server = grpclib.server.Server([service, handler])
     sock = _listening_socket()
     port = sock.getsockname()[1]
@@ -173,6 +193,8 @@ async def transport(kind: str, pb: ModuleType) -> AsyncIterator[Setup]:
             channel = network
         elif kind == "forward":
             channel = await stack.enter_async_context(tunnel.open_tunnel(network))
+        elif kind == "forward-wide":
+            channel = await stack.enter_async_context(tunnel.open_tunnel(network, options=WIDE))
         elif kind == "reverse":
             await stack.enter_async_context(_reverse_tunnel(network, [service], handler))
             channel = handler.as_channel()

@@ -17,6 +17,7 @@ LABELS = {
     "direct": "direct grpclib",
     "forward": "forward tunnel",
     "reverse": "reverse tunnel",
+    "forward-wide": "forward, 1 MiB windows",
     "grpcio": "direct grpcio.aio",
     "gt-forward": "grpctunnel-py fwd",
     "gt-reverse": "grpctunnel-py rev",

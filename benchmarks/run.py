@@ -25,6 +25,8 @@ DOC = ROOT / "docs" / "benchmarks.md"
 CHART = ROOT / "docs" / "benchmarks.png"
 
 GRPCLIB_KINDS = ("direct", "forward", "reverse")
+#: Variants measured on the rate workloads only (asyncio, no memory rows).
+VARIANT_KINDS = ("forward-wide",)
 GRPCIO_KINDS = ("grpcio", "gt-forward", "gt-reverse")
 
 METHOD = """\
@@ -137,8 +139,9 @@ def _revision() -> str:
 
 
 def _plan(args: argparse.Namespace) -> tuple[list[tuple[str, str]], list[str]]:
-    wanted = args.only.split(",") if args.only else [*GRPCLIB_KINDS, *GRPCIO_KINDS]
-    unknown = set(wanted) - {*GRPCLIB_KINDS, *GRPCIO_KINDS}
+    every = [*GRPCLIB_KINDS, *VARIANT_KINDS, *GRPCIO_KINDS]
+    wanted = args.only.split(",") if args.only else every
+    unknown = set(wanted) - set(every)
     if unknown:
         raise SystemExit(f"unknown transports: {', '.join(sorted(unknown))}")
     plan: list[tuple[str, str]] = []
@@ -174,7 +177,9 @@ STEPS_UVLOOP = ("unary_1,unary_16,server_stream,bulk",)
 def _run_transport(
     kind: str, loop: str, budget: str, pb_dir: Path, tmp: Path, quick: bool
 ) -> dict[str, Any]:
-    groups = list(STEPS_ASYNCIO if loop == "asyncio" else STEPS_UVLOOP)
+    groups = list(
+        STEPS_ASYNCIO if loop == "asyncio" and kind not in VARIANT_KINDS else STEPS_UVLOOP
+    )
     if loop == "asyncio" and kind in GRPCLIB_KINDS:
         groups[-1] += ",profile"
     print(f"{kind} ({loop}):", file=sys.stderr, flush=True)
@@ -227,7 +232,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a ~30 s smoke run")
     parser.add_argument(
-        "--only", help="comma-separated transports: " + ",".join(GRPCLIB_KINDS + GRPCIO_KINDS)
+        "--only",
+        help="comma-separated transports: "
+        + ",".join(GRPCLIB_KINDS + VARIANT_KINDS + GRPCIO_KINDS),
     )
     parser.add_argument("--no-uvloop", action="store_true", help="skip the uvloop columns")
     parser.add_argument("--json-out", type=Path, help="where to write the JSON results")
