@@ -131,10 +131,6 @@ class ServerTunnel:
         """Refuse new streams with UNAVAILABLE; running ones go on."""
         self.core.initiate_shutdown()
 
-    @property
-    def active_streams(self) -> int:
-        return len(self._tasks)
-
     async def wait_idle(self) -> None:
         """Wait until no tunneled call is running."""
         await self._idle.wait()
