@@ -131,8 +131,10 @@ check: lint typecheck proto-check test
 demo:
 	$(PY) -m tunnel.demo
 
-# About 4 minutes; rewrites docs/benchmarks.md and .png (needs the bench
-# extra: pip install -e '.[bench]'). `$(PY) -m benchmarks --quick` is a ~30 s
-# smoke run that writes only benchmarks/results/quick.json.
+# About 2-4 minutes; rewrites docs/benchmarks.md and .png. Installs the
+# bench extra (matplotlib for the chart, uvloop for its columns) first.
+# `$(PY) -m benchmarks --quick` is a ~30 s smoke run that writes only
+# benchmarks/results/quick.json.
 bench:
+	$(PY) -m pip install $(PIP_FLAGS) -e '.[bench]'
 	$(PY) -m benchmarks
