@@ -310,9 +310,7 @@ class TunnelClientStream(
         )
 
     async def recv_trailing_metadata(self) -> None:
-        if not self._end_done and not (
-            not self._cardinality.value.client_streaming and self._send_message_done
-        ):
+        if not self._outgoing_ended():
             raise ProtocolError("Outgoing stream was not ended")
         if not self._recv_initial_metadata_done:
             raise ProtocolError(
