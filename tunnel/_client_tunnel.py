@@ -71,11 +71,7 @@ class ClientTunnel:
         self.options = options
         self.carrier = carrier
         self.core = TunnelClientProtocol(
-            peer_negotiates=peer_negotiates,
-            disable_flow_control=options.disable_flow_control,
-            max_receive_message_length=options.max_receive_message_length,
-            max_metadata_size=options.max_metadata_size,
-            initial_window_size=options.initial_window_size,
+            peer_negotiates=peer_negotiates, **options.protocol_settings()
         )
         self.driver: Driver[ServerToClient, ClientToServer] = Driver(
             self.core,

@@ -108,10 +108,7 @@ class ServerTunnel:
         self.core = TunnelServerProtocol(
             {name: handler.cardinality for name, handler in mapping.items()},
             peer_negotiates=peer_negotiates,
-            disable_flow_control=options.disable_flow_control,
-            max_receive_message_length=options.max_receive_message_length,
-            max_metadata_size=options.max_metadata_size,
-            initial_window_size=options.initial_window_size,
+            **options.protocol_settings(),
         )
         self.driver: Driver[ClientToServer, ServerToClient] = Driver(
             self.core,

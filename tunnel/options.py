@@ -3,8 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypedDict
 
-__all__ = ["TunnelOptions"]
+__all__ = ["ProtocolSettings", "TunnelOptions"]
+
+
+class ProtocolSettings(TypedDict):
+    """What the sans-IO protocol objects take from the options (either end)."""
+
+    disable_flow_control: bool
+    max_receive_message_length: int
+    max_metadata_size: int
+    initial_window_size: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,3 +59,12 @@ class TunnelOptions:
             raise ValueError("negotiation_timeout must be positive")
         if not self.close_timeout > 0:
             raise ValueError("close_timeout must be positive")
+
+    def protocol_settings(self) -> ProtocolSettings:
+        """The keyword arguments of ``TunnelClientProtocol``/``TunnelServerProtocol``."""
+        return ProtocolSettings(
+            disable_flow_control=self.disable_flow_control,
+            max_receive_message_length=self.max_receive_message_length,
+            max_metadata_size=self.max_metadata_size,
+            initial_window_size=self.initial_window_size,
+        )
