@@ -32,6 +32,8 @@ from typing import Any, Generic, TypeVar
 from google.protobuf.message import Message
 from grpclib.protocol import Peer
 
+from ._seam import abort_connection, connection_is_lost
+
 __all__ = ["BatchSender", "StreamCarrier", "batch_sender"]
 
 BatchSender = Callable[[Sequence[Message]], Awaitable[None]]
@@ -63,8 +65,13 @@ class StreamCarrier(Generic[SendFrame, RecvFrame]):
     """Frames over a grpclib stream (client or server side) that is open.
 
     A client stream must have sent its request, so that ``peer`` and the
-    HTTP/2 stream behind it exist.
+    HTTP/2 stream behind it exist.  This base serves a call from the side
+    that cannot half-close it (a network server, which ends a call by
+    returning from its handler): ``end``, ``finish`` and ``aclose`` do
+    nothing; the forward and reverse modules add them where they apply.
     """
+
+    can_half_close = False
 
     def __init__(self, stream: Any) -> None:
         self._stream = stream
@@ -77,3 +84,18 @@ class StreamCarrier(Generic[SendFrame, RecvFrame]):
     async def recv(self) -> RecvFrame | None:
         frame: RecvFrame | None = await self._stream.recv_message()
         return frame
+
+    async def end(self) -> None:
+        pass
+
+    async def finish(self) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        pass
+
+    def abort_connection(self) -> None:
+        abort_connection(self._stream)
+
+    def connection_lost(self) -> bool:
+        return connection_is_lost(self._stream)

@@ -1,130 +1,119 @@
 """The asyncio side of a tunnel client: calls, their events, the life cycle.
 
-A ``ClientTunnel`` owns one ``Driver`` (reader and writer tasks) around a
-``TunnelClientProtocol`` and a table of the calls in flight.  It is the same
-object for a forward tunnel (we are the network client) and a reverse one
-(we are the network server): only the ``Carrier`` differs.
+A ``ClientTunnel`` is the same object for a forward tunnel (we are the
+network client) and a reverse one (we are the network server): only the
+carrier differs.  Its life cycle is ``_tunnel.Tunnel``'s; what it adds:
 
-Life cycle.  The tunnel is open until one of these happens, and then every
-call in flight ends with a status, at once:
-
-* ``close()``: calls fail with CANCELLED, the core sends ``cancel`` for each,
-  our side of the carrying call is closed, and the peer gets
-  ``close_timeout`` seconds to end its side before the call is cut off.
-* the peer ends the carrying call: calls fail with UNAVAILABLE.
-* the peer breaks the protocol (``RemoteProtocolError``) or the connection
-  dies: calls fail with UNAVAILABLE, and ``error`` says why.
+* opening: ``start`` waits for the tunnel server's ``Settings``;
+* a table of the calls in flight, each a ``TunnelClientStream`` fed with the
+  core's events;
+* how calls end with the tunnel: ``close()`` fails them with CANCELLED, sends
+  ``cancel`` for each, closes our side of the carrying call and gives the
+  peer ``close_timeout`` seconds to end its side before the call is cut off;
+  any other end fails them with UNAVAILABLE and a message that names the
+  cause;
+* keepalive probes: a tunneled call to a method nobody serves
+  (``KEEPALIVE_METHOD``), which every conforming tunnel server answers at
+  once with ``close_stream``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from google.rpc.status_pb2 import Status as StatusProto
 from grpclib.const import Cardinality, Status
-from grpclib.protocol import Peer
 
 from ._core.client import TunnelClientProtocol
+from ._core.connection import KEEPALIVE_METHOD
 from ._core.events import DataReceived, Event, HeadersReceived, Negotiated, StreamEnded
-from ._driver import Driver
 from ._pb.tunnel_pb2 import ClientToServer, ServerToClient
-from .errors import NegotiationError, TunnelClosedError
+from ._tunnel import Carrier, Ending, Phase, Tunnel, closed_message, describe
+from .errors import NegotiationError, OpenTimeoutError, TunnelClosedError
 from .options import TunnelOptions
 
 if TYPE_CHECKING:
     from ._client_stream import TunnelClientStream
 
-__all__ = ["Carrier", "ClientTunnel"]
+__all__ = ["ClientTunnel"]
 
-log = logging.getLogger("tunnel")
-
-
-class Carrier(Protocol):
-    """The carrying gRPC stream, as seen by the tunnel client."""
-
-    peer: Peer | None
-
-    async def send(self, frame: ClientToServer) -> None: ...
-
-    async def recv(self) -> ServerToClient | None: ...
-
-    async def end(self) -> None:
-        """Close our side of the carrying call (no more frames from us)."""
-
-    async def finish(self) -> None:
-        """The peer ended its side: collect the call's final status.
-
-        Raises the carrying call's error (a ``GRPCError``) if it failed.
-        """
-
-    async def aclose(self) -> None:
-        """Release the carrying call, cutting it off if still open."""
+#: How calls in flight end when the owner closes the tunnel.
+_CLOSED_BY_OWNER = Ending(Status.CANCELLED, "tunnel closed", None, graceful=True)
 
 
-class ClientTunnel:
+class ClientTunnel(Tunnel[ServerToClient, ClientToServer]):
     """Calls in flight over one tunnel, and the tasks that carry them."""
 
-    def __init__(self, carrier: Carrier, options: TunnelOptions, *, peer_negotiates: bool) -> None:
-        self.options = options
-        self.carrier = carrier
+    _role = "tunnel client"
+
+    def __init__(
+        self,
+        carrier: Carrier[ServerToClient, ClientToServer],
+        options: TunnelOptions,
+        *,
+        peer_negotiates: bool,
+    ) -> None:
         self.core = TunnelClientProtocol(
             peer_negotiates=peer_negotiates, **options.protocol_settings()
         )
-        self.driver: Driver[ServerToClient, ClientToServer] = Driver(
-            self.core,
-            self.core.receive_frame,
-            carrier.send,
-            carrier.recv,
-            getattr(carrier, "send_batch", None),
-        )
+        super().__init__(self.core, self.core.receive_frame, carrier, options)
         self.calls: dict[int, TunnelClientStream[object, object]] = {}
-        #: Why the tunnel ended; None while open and after a clean close.
-        self.error: BaseException | None = None
-        self.closing = False
         #: Set by a handler's ``initiate_shutdown``: new calls are refused
         #: with UNAVAILABLE while running ones finish.
         self.draining = False
+        self._probes: dict[int, asyncio.Future[None]] = {}
         self._negotiated = asyncio.Event()
         if self.core.ready:
             self._negotiated.set()
+        else:
+            self.phase = Phase.OPENING
         self._main: asyncio.Task[None] | None = None
-        self._closer: asyncio.Task[None] | None = None
-        self._closed = asyncio.Event()
 
     # -- starting --------------------------------------------------------
 
-    async def start(self) -> None:
-        """Start the tasks and wait until streams may be created."""
+    async def start(self, timeout: float) -> None:
+        """Start the tasks and wait (up to *timeout* s) until calls may start.
+
+        If the tunnel cannot be used (the server sent no ``Settings`` in
+        time, broke negotiation, or ended the call), everything is torn
+        down before this raises; so it is if the caller is cancelled.
+        """
         self._main = asyncio.create_task(self._run(), name="tunnel-client")
         if self.core.ready:
             return
-        ready = asyncio.create_task(self._negotiated.wait())
+        ready = asyncio.create_task(self._negotiated.wait(), name="tunnel-client-negotiation")
         try:
             done, _ = await asyncio.wait(
-                {ready, self._main},
-                timeout=self.options.negotiation_timeout,
-                return_when=asyncio.FIRST_COMPLETED,
+                {ready, self._main}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
             )
+        except asyncio.CancelledError:
+            self._abandon(TunnelClosedError("opening was cancelled"))
+            await self._wait_main()
+            raise
         finally:
             ready.cancel()
-        if self._negotiated.is_set():
+        if self._negotiated.is_set() and self.phase is Phase.OPEN:
             return
         if not done:
-            self.error = NegotiationError(
-                f"tunnel server sent no settings within {self.options.negotiation_timeout} seconds"
+            self._abandon(
+                OpenTimeoutError(f"tunnel server sent no settings within {timeout:.3g} seconds")
             )
-        # No call ever ran on this tunnel and the peer is not following the
-        # protocol: cut the carrying call off now.  A graceful close() would
-        # wait up to close_timeout more for a peer that may never answer.
-        self.closing = True
-        self._main.cancel()
+        await self._wait_main()
+        error = self.error
+        if error is None or isinstance(error, TunnelClosedError):
+            error = NegotiationError("tunnel server ended the call without sending settings")
+            self.error = error
+        raise error
+
+    async def _wait_main(self) -> None:
+        assert self._main is not None
         await asyncio.wait([self._main])
-        if self.error is None:
-            self.error = NegotiationError("tunnel server ended the call without sending settings")
-        raise self.error
+
+    def _abandon(self, error: BaseException) -> None:
+        """End a tunnel that never opened: cut its carrying call off at once."""
+        self._request_stop(Ending(Status.UNAVAILABLE, closed_message(str(error)), error, False))
 
     # -- the calls' side -------------------------------------------------
 
@@ -136,15 +125,26 @@ class ClientTunnel:
         cardinality: Cardinality,
         timeout: float | None,
     ) -> int:
-        """Register a call and queue its ``new_stream``."""
-        if self.closing or self._closed.is_set():
-            raise TunnelClosedError(self._closed_reason())
+        """Register a call and queue its ``new_stream``.
+
+        Raises ``TunnelClosedError`` unless the tunnel is open and not
+        draining: from the moment a tunnel starts to end, no call starts.
+        """
+        if self.phase is not Phase.OPEN:
+            raise TunnelClosedError(self._refusal())
         if self.draining:
             raise TunnelClosedError("tunnel is shutting down")
         stream_id = self.core.open_stream(method, metadata, cardinality, timeout=timeout)
         self.calls[stream_id] = call
         self.driver.wake()
         return stream_id
+
+    def _refusal(self) -> str:
+        if self.phase is Phase.OPENING:
+            return "tunnel is not open yet"
+        if self._ending is not None and self._ending.error is not None:
+            return self._ending.message
+        return "tunnel closed"
 
     def forget(self, stream_id: int) -> None:
         """A call is over: cancel its stream if it is still open."""
@@ -159,6 +159,11 @@ class ClientTunnel:
         if self.core.has_frames():
             self.driver.wake()
 
+    @property
+    def usable(self) -> bool:
+        """True while new calls may start on this tunnel."""
+        return self.phase is Phase.OPEN and not self.draining
+
     # -- events ------------------------------------------------------------
 
     def _on_events(self, events: list[Event]) -> None:
@@ -168,107 +173,119 @@ class ClientTunnel:
                 call = calls.get(event.stream_id)
                 if call is not None:
                     call._on_data(event.data, event.end_of_message)
+                else:
+                    self._probe_answered(event.stream_id)
             elif isinstance(event, HeadersReceived):
                 call = calls.get(event.stream_id)
                 if call is not None:
                     call._on_headers(event.metadata)
+                else:
+                    self._probe_answered(event.stream_id)
             elif isinstance(event, StreamEnded):
                 self.driver.release_waiters(event.stream_id)
                 call = calls.get(event.stream_id)
                 if call is not None:
                     call._on_end(event.status, event.trailers, abrupt=event.reset)
+                else:
+                    self._probe_answered(event.stream_id)
             elif isinstance(event, Negotiated):
+                if self.phase is Phase.OPENING:
+                    self.phase = Phase.OPEN
                 self._negotiated.set()
+
+    # -- keepalive -----------------------------------------------------------
+
+    def _can_probe(self) -> bool:
+        return True
+
+    async def _ready_for_probes(self) -> None:
+        await self._negotiated.wait()
+
+    async def _probe(self) -> None:
+        """A tunneled call to a method nobody serves; any answer will do.
+
+        Under revision one nothing of it counts against a window, and the
+        reference (and any conforming server) refuses an unknown method at
+        once with ``close_stream``, which also counts as data from the
+        network server for grpc-go's ping policing (see docs/keepalive.md).
+        """
+        core = self.core
+        stream_id = core.open_stream(KEEPALIVE_METHOD, (), Cardinality.STREAM_STREAM)
+        core.half_close(stream_id)
+        answered = asyncio.get_running_loop().create_future()
+        self._probes[stream_id] = answered
+        self.driver.wake()
+        try:
+            await answered
+        finally:
+            del self._probes[stream_id]
+            if core.is_open(stream_id):
+                core.cancel(stream_id)
+                self.driver.wake()
+
+    def _probe_answered(self, stream_id: int) -> None:
+        answered = self._probes.get(stream_id)
+        if answered is not None and not answered.done():
+            answered.set_result(None)
 
     # -- the life cycle ----------------------------------------------------
 
-    async def _run(self) -> None:
-        writer = asyncio.create_task(self._write(), name="tunnel-client-writer")
-        try:
-            await self.driver.read_loop(self._on_events)
-            if not self.closing:
-                await self.carrier.end()
-            await self.carrier.finish()
-        except asyncio.CancelledError:
-            if not self.closing:
-                raise
-        except Exception as exc:
-            if self.error is None:
-                self.error = exc
-            if not isinstance(exc, NegotiationError):
-                log.debug("tunnel ended with an error", exc_info=True)
-        finally:
-            writer.cancel()
-            self._fail_calls(Status.UNAVAILABLE, self._closed_reason())
-            with contextlib.suppress(BaseException):
-                await writer
-            with contextlib.suppress(Exception):
-                await self.carrier.aclose()
-            self._closed.set()
-
-    async def _write(self) -> None:
-        try:
-            await self.driver.write_loop()
-        except Exception as exc:
-            # The carrying call broke under us; the reader sees it end too.
-            if self.error is None and not self.closing:
-                self.error = exc
-            if self._main is not None:
-                self._main.cancel()
-
     def close(self) -> None:
         """Cancel every call and end the tunnel (see the module docstring)."""
-        if self.closing:
-            return
-        self.closing = True
-        self._fail_calls(Status.CANCELLED, "tunnel closed")
-        if self._main is None or self._main.done():
+        self._request_stop(_CLOSED_BY_OWNER)
+        if self._main is None:
+            self.phase = Phase.CLOSED
             self._closed.set()
-            return
-        self._closer = asyncio.create_task(self._close(), name="tunnel-client-close")
 
-    async def _close(self) -> None:
-        main = self._main
-        assert main is not None
-        try:
-            async with asyncio.timeout(self.options.close_timeout):
-                await self.driver.drain()
-                if not getattr(self.carrier, "can_half_close", True):
-                    # A network server ends the carrying call by returning
-                    # from its handler, not by half-closing: stop reading.
-                    main.cancel()
-                else:
-                    await self.carrier.end()
-                    await asyncio.shield(main)
-        except (TimeoutError, Exception):
-            main.cancel()
-        with contextlib.suppress(BaseException):
-            await main
+    def abort(self, error: BaseException) -> None:
+        """End the tunnel now because of *error*; calls fail with UNAVAILABLE."""
+        message = closed_message(describe(error))
+        self._request_stop(Ending(Status.UNAVAILABLE, message, error, graceful=False))
+        if self._main is None:
+            self.phase = Phase.CLOSED
+            self._closed.set()
 
-    async def wait_closed(self) -> None:
-        await self._closed.wait()
-        if self._closer is not None:
-            with contextlib.suppress(BaseException):
-                await self._closer
-
-    @property
-    def closed(self) -> bool:
-        return self._closed.is_set()
-
-    @property
-    def usable(self) -> bool:
-        """True while new calls may start on this tunnel."""
-        return not (self.closing or self.draining or self._closed.is_set())
-
-    def _fail_calls(self, status: Status, message: str) -> None:
-        calls = list(self.calls.items())
-        for stream_id, call in calls:
+    def _end_streams(self, ending: Ending) -> None:
+        status = StatusProto(code=ending.status.value, message=ending.message)
+        for stream_id, call in list(self.calls.items()):
             self.core.cancel(stream_id)
-            call._on_end(StatusProto(code=status.value, message=message), (), abrupt=True)
+            call._on_end(status, (), abrupt=True)
+        for answered in self._probes.values():
+            if not answered.done():
+                answered.cancel()
         self.driver.release_waiters()
         self.driver.wake()
 
-    def _closed_reason(self) -> str:
-        if self.error is not None:
-            return f"tunnel closed: {self.error}"
-        return "tunnel closed"
+    async def _peer_ended(self) -> Ending:
+        """End our side too and learn the carrying call's status (bounded)."""
+        cause: BaseException = TunnelClosedError("the peer closed the tunnel")
+        carrier = self.carrier
+        try:
+            async with asyncio.timeout(self.options.close_timeout):
+                if carrier.can_half_close:
+                    await carrier.end()
+                await carrier.finish()
+        except TimeoutError:
+            pass
+        except Exception as exc:
+            cause = exc
+        return Ending(Status.UNAVAILABLE, closed_message(describe(cause)), cause, graceful=False)
+
+    async def _wind_down(self, ending: Ending, reader: asyncio.Task[None]) -> None:
+        """The owner's close: let the cancels out, end our side, await the peer's."""
+        carrier = self.carrier
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(self.options.close_timeout):
+                await self.driver.drain()
+                if not carrier.can_half_close:
+                    # A network server ends the call by returning from its
+                    # handler, not by half-closing: nothing to wait for.
+                    return
+                await carrier.end()
+                await asyncio.wait([reader])
+                if not reader.cancelled() and reader.exception() is None:
+                    await carrier.finish()
+
+    async def _after(self, ending: Ending) -> None:
+        with contextlib.suppress(Exception):
+            await self.carrier.aclose()

@@ -60,6 +60,8 @@ class Driver(Generic[InFrame, OutFrame]):
         self._flush_waiters: dict[int, asyncio.Future[None]] = {}
         self._writer_idle = asyncio.Event()
         self._writer_idle.set()
+        #: Event-loop time at which the last frame arrived (keepalive).
+        self.last_received = asyncio.get_running_loop().time()
 
     # -- writing ---------------------------------------------------------
 
@@ -147,10 +149,12 @@ class Driver(Generic[InFrame, OutFrame]):
         """
         receive = self._receive
         core = self.core
+        clock = asyncio.get_running_loop().time
         while True:
             frame = await self._recv()
             if frame is None:
                 return
+            self.last_received = clock()
             events = receive(frame)
             if events:
                 on_events(events)

@@ -19,9 +19,9 @@ import asyncio
 import contextlib
 import contextvars
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol, cast
+from typing import Any, cast
 
 from google.rpc.status_pb2 import Status as StatusProto
 from grpclib.const import Handler, Status
@@ -36,12 +36,13 @@ from multidict import MultiDict
 from ._core.events import DataReceived, Event, HalfClosed, StreamOpened, StreamReset
 from ._core.metadata import MetadataError
 from ._core.server import TunnelServerProtocol
-from ._driver import Driver
 from ._pb.tunnel_pb2 import ClientToServer, ServerToClient
 from ._server_stream import TunnelServerStream
+from ._tasks import cancel_and_wait
+from ._tunnel import Carrier, Ending, Tunnel
 from .options import TunnelOptions
 
-__all__ = ["ServerCarrier", "ServerTunnel", "TunnelInfo", "current_tunnel"]
+__all__ = ["ServerTunnel", "TunnelInfo", "current_tunnel"]
 
 log = logging.getLogger("tunnel")
 
@@ -64,6 +65,11 @@ _current: contextvars.ContextVar[TunnelInfo | None] = contextvars.ContextVar(
     "tunnel_current", default=None
 )
 
+#: ``stop()``: handlers are cancelled, their final frames still go out.
+_STOPPED_BY_OWNER = Ending(Status.CANCELLED, "tunnel closed", None, graceful=True)
+#: The tunnel client half-closed the carrying call: a close in order.
+_CLOSED_BY_CLIENT = Ending(Status.CANCELLED, "tunnel closed by the client", None, graceful=True)
+
 
 def current_tunnel() -> TunnelInfo | None:
     """The tunnel the running handler was called through, or None.
@@ -74,20 +80,14 @@ def current_tunnel() -> TunnelInfo | None:
     return _current.get()
 
 
-class ServerCarrier(Protocol):
-    """The carrying gRPC stream, as seen by the tunnel server."""
-
-    async def send(self, frame: ServerToClient) -> None: ...
-
-    async def recv(self) -> ClientToServer | None: ...
-
-
-class ServerTunnel:
+class ServerTunnel(Tunnel[ClientToServer, ServerToClient]):
     """Serves the streams of one tunnel until its carrying call ends."""
+
+    _role = "tunnel server"
 
     def __init__(
         self,
-        carrier: ServerCarrier,
+        carrier: Carrier[ClientToServer, ServerToClient],
         mapping: Mapping[str, Handler],
         *,
         info: TunnelInfo,
@@ -97,32 +97,25 @@ class ServerTunnel:
         options: TunnelOptions,
         peer_negotiates: bool,
         user_agent: str | None,
+        probe: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
-        self._mapping = mapping
-        self._info = info
-        self._dispatch = dispatch
-        self._codec = codec
-        self._status_details_codec = status_details_codec
-        self._options = options
-        self._user_agent = user_agent
         self.core = TunnelServerProtocol(
             {name: handler.cardinality for name, handler in mapping.items()},
             peer_negotiates=peer_negotiates,
             **options.protocol_settings(),
         )
-        self.driver: Driver[ClientToServer, ServerToClient] = Driver(
-            self.core,
-            self.core.receive_frame,
-            carrier.send,
-            carrier.recv,
-            getattr(carrier, "send_batch", None),
-        )
+        super().__init__(self.core, self.core.receive_frame, carrier, options)
+        self._mapping = mapping
+        self._info = info
+        self._dispatch = dispatch
+        self._codec = codec
+        self._status_details_codec = status_details_codec
+        self._user_agent = user_agent
+        self._probe_peer = probe
         self._streams: dict[int, TunnelServerStream[Any, Any]] = {}
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._idle = asyncio.Event()
         self._idle.set()
-        self._stopped = False
-        self._reader: asyncio.Task[None] | None = None
 
     def initiate_shutdown(self) -> None:
         """Refuse new streams with UNAVAILABLE; running ones go on."""
@@ -134,62 +127,49 @@ class ServerTunnel:
 
     def stop(self) -> None:
         """End the tunnel now: running calls are cancelled, ``serve`` returns."""
-        self._stopped = True
-        if self._reader is not None:
-            self._reader.cancel()
+        self._request_stop(_STOPPED_BY_OWNER)
 
     async def serve(self) -> None:
-        """Run until the tunnel client ends the carrying call.
+        """Run until the tunnel ends.
 
-        Raises ``RemoteProtocolError`` if the client broke the protocol.
+        Returns when the tunnel client ended the carrying call in order or
+        ``stop()`` was called; otherwise raises why the tunnel ended
+        (``RemoteProtocolError`` if the client broke the protocol, the
+        carrier's error if the call failed, ``KeepaliveTimeoutError``).
         """
         _current.set(self._info)
-        writer = asyncio.create_task(self._write(), name="tunnel-server-writer")
-        clean = False
-        self._reader = asyncio.create_task(
-            self.driver.read_loop(self._on_events), name="tunnel-server-reader"
-        )
-        try:
-            try:
-                await self._reader
-            except asyncio.CancelledError:
-                current = asyncio.current_task()
-                if not self._stopped or (current is not None and current.cancelling()):
-                    raise
-            clean = True
-        finally:
-            # grpclib may cancel the serving task twice (the connection is
-            # lost, then Server.close() cancels it again): a cancellation that
-            # interrupts this cleanup must still stop the writer.
-            try:
-                if not self._reader.done():
-                    self._reader.cancel()
-                    with contextlib.suppress(BaseException):
-                        await self._reader
-                await self._cancel_handlers()
-                if clean:
-                    # Let the final close_stream frames out before the carrying
-                    # call ends; the client may still be reading.
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(self._options.close_timeout):
-                            await self.driver.drain()
-            finally:
-                writer.cancel()
-                with contextlib.suppress(BaseException):
-                    await writer
+        await self._run()
+        if self.error is not None:
+            raise self.error
 
-    async def _write(self) -> None:
-        try:
-            await self.driver.write_loop()
-        except Exception:
-            log.debug("tunnel server could not write", exc_info=True)
+    # -- the life cycle ----------------------------------------------------
 
-    async def _cancel_handlers(self) -> None:
-        tasks = list(self._tasks.values())
-        for task in tasks:
+    def _end_streams(self, ending: Ending) -> None:
+        # Each handler's task turns its cancellation into a close_stream.
+        for task in self._tasks.values():
             task.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _peer_ended(self) -> Ending:
+        # The tunnel client closed the tunnel: it cancelled its streams first.
+        return _CLOSED_BY_CLIENT
+
+    async def _wind_down(self, ending: Ending, reader: asyncio.Task[None]) -> None:
+        """Let the handlers' final ``close_stream`` frames out (bounded)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.options.close_timeout):
+                if self._tasks:
+                    await asyncio.wait(list(self._tasks.values()))
+                await self.driver.drain()
+
+    async def _after(self, ending: Ending) -> None:
+        await cancel_and_wait(list(self._tasks.values()))
+
+    def _can_probe(self) -> bool:
+        return self._probe_peer is not None
+
+    async def _probe(self) -> None:
+        assert self._probe_peer is not None
+        await self._probe_peer()
 
     # -- events ------------------------------------------------------------
 

@@ -29,6 +29,7 @@ from ._carrier import StreamCarrier
 from ._client_stream import TunnelClientStream
 from ._client_tunnel import ClientTunnel
 from ._pb.tunnel_pb2 import ClientToServer, ServerToClient
+from .errors import OpenTimeoutError
 from .options import TunnelOptions
 
 __all__ = ["TunnelChannel", "open_tunnel"]
@@ -163,6 +164,8 @@ class TunnelChannel(grpclib.client.Channel):
 class _ForwardCarrier(StreamCarrier[ClientToServer, ServerToClient]):
     """The carrying ``OpenTunnel`` call, from the network client's side."""
 
+    can_half_close = True
+
     def __init__(self, stream: grpclib.client.Stream[ClientToServer, ServerToClient]) -> None:
         super().__init__(stream)
         self._ended = False
@@ -181,12 +184,7 @@ class _ForwardCarrier(StreamCarrier[ClientToServer, ServerToClient]):
         if self._finished:
             await self._stream.__aexit__(None, None, None)
             return
-        # Not finished: grpclib's normal exit would wait for trailers that may
-        # never come (the peer is gone or stuck). Exiting with an error makes
-        # it reset the stream instead.
-        gone = StreamTerminatedError("tunnel closed")
-        with contextlib.suppress(StreamTerminatedError):
-            await self._stream.__aexit__(StreamTerminatedError, gone, None)
+        await _reset(self._stream)
 
 
 class _OpenTunnel:
@@ -204,6 +202,14 @@ class _OpenTunnel:
         self._tunnel_channel: TunnelChannel | None = None
 
     async def _open(self) -> TunnelChannel:
+        """Open the carrying call and the tunnel in it, within the time allowed.
+
+        Every way out other than success (refused, timed out, cancelled,
+        broken) leaves the carrying call reset.
+        """
+        timeout = self._options.negotiation_timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         request_md: MultiDict[Any] = MultiDict(self._metadata)
         request_md[NEGOTIATE_HEADER] = "on"
         stream = self._channel.request(
@@ -214,11 +220,20 @@ class _OpenTunnel:
             metadata=request_md,
         )
         await stream.__aenter__()
+        step = "no connection"
         try:
-            await stream.send_request()
-            # The network server sends its headers at once; a refused tunnel
-            # (no services, bad credentials) ends here with its GRPCError.
-            await stream.recv_initial_metadata()
+            async with asyncio.timeout_at(deadline):
+                await stream.send_request()
+                step = "no response headers"
+                # The network server sends its headers at once; a refused
+                # tunnel (no services, bad credentials) ends here with its
+                # GRPCError.
+                await stream.recv_initial_metadata()
+        except TimeoutError:
+            await _reset(stream)
+            raise OpenTimeoutError(
+                f"could not open the tunnel within {timeout:g} s: {step}"
+            ) from None
         except BaseException as exc:
             refusal = await _exit_after_failure(stream, exc)
             if refusal is not None:
@@ -229,7 +244,9 @@ class _OpenTunnel:
         tunnel = ClientTunnel(
             _ForwardCarrier(stream), self._options, peer_negotiates=peer_negotiates
         )
-        await tunnel.start()
+        # On failure or cancellation, start() has ended the tunnel, and the
+        # carrying call with it.
+        await tunnel.start(max(deadline - loop.time(), 0.0))
         self._tunnel_channel = TunnelChannel(
             tunnel,
             metadata=self._metadata,
@@ -274,6 +291,18 @@ async def _exit_after_failure(
     return None
 
 
+async def _reset(stream: grpclib.client.Stream[Any, Any]) -> None:
+    """Leave a carrying call that did not end in order: reset it, now.
+
+    grpclib's normal exit would wait for trailers that may never come (the
+    peer is gone or stuck); exiting with an error makes it reset the
+    stream instead.
+    """
+    gone = StreamTerminatedError("tunnel closed")
+    with contextlib.suppress(Exception):
+        await stream.__aexit__(StreamTerminatedError, gone, None)
+
+
 def open_tunnel(
     channel: grpclib.client.Channel,
     *,
@@ -289,6 +318,3 @@ def open_tunnel(
     ``NegotiationError``.
     """
     return _OpenTunnel(channel, metadata, options or TunnelOptions())
-
-
-_ = asyncio

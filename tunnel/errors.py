@@ -19,8 +19,10 @@ Calls made through a tunnel keep grpclib's conventions: a failed call raises
 from __future__ import annotations
 
 __all__ = [
+    "KeepaliveTimeoutError",
     "LocalProtocolError",
     "NegotiationError",
+    "OpenTimeoutError",
     "RemoteProtocolError",
     "TunnelClosedError",
     "TunnelError",
@@ -46,3 +48,16 @@ class NegotiationError(RemoteProtocolError):
 
 class TunnelClosedError(TunnelError):
     """The tunnel is closed (or closing) and cannot carry new streams."""
+
+
+class OpenTimeoutError(NegotiationError, TimeoutError):
+    """Opening a tunnel took longer than ``TunnelOptions.negotiation_timeout``.
+
+    The message says which step did not finish in time: the connection, the
+    carrying call's response headers, or the tunnel server's ``Settings``.
+    It is also a ``TimeoutError``, grpclib's convention for a local deadline.
+    """
+
+
+class KeepaliveTimeoutError(TunnelError):
+    """The peer did not answer a keepalive check in time and is taken for dead."""

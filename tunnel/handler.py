@@ -24,9 +24,10 @@ from multidict import MultiDict
 
 from ._carrier import StreamCarrier
 from ._pb.tunnel_pb2 import ClientToServer, ServerToClient
+from ._seam import http2_pinger
 from ._server_tunnel import ServerTunnel, TunnelInfo
+from ._tunnel import as_status
 from .channel import NEGOTIATE_HEADER, OPEN_TUNNEL, TunnelChannel
-from .errors import RemoteProtocolError
 from .options import TunnelOptions
 from .reverse import (
     ALL,
@@ -142,14 +143,13 @@ class TunnelServiceHandler:
             options=self._options,
             peer_negotiates=peer_negotiates,
             user_agent=stream.user_agent,
+            probe=http2_pinger(stream),
         )
         if self._shutting_down:
             tunnel.initiate_shutdown()
         self._tunnels.add(tunnel)
         try:
             await tunnel.serve()
-        except RemoteProtocolError as exc:
-            raise GRPCError(Status.INTERNAL, f"tunnel protocol error: {exc}") from None
         except asyncio.CancelledError:
             # grpclib's Server.close() cancels handlers and sends nothing, and
             # the connection stays open: the tunnel client, and every call in
@@ -159,6 +159,8 @@ class TunnelServiceHandler:
             # quietly.
             await _end_carrying_call(stream, self._options.close_timeout)
             raise
+        except Exception as exc:
+            raise as_status(exc) from None
         finally:
             self._tunnels.discard(tunnel)
 

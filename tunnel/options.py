@@ -41,12 +41,28 @@ class TunnelOptions:
     #: announces; a larger window lets bulk transfers keep more data in
     #: flight, at the cost of that much more buffering per stream.
     initial_window_size: int = 65_536
-    #: Seconds a tunnel client waits for the tunnel server's ``Settings``
-    #: frame before it gives up on the tunnel.
+    #: Seconds that opening a tunnel may take, from the first byte to a
+    #: tunnel ready for calls: making the connection (when the carrying
+    #: channel has none yet), the carrying call's response headers and, for
+    #: a tunnel client, the tunnel server's ``Settings``.  An opening that
+    #: takes longer is abandoned (its carrying call reset) and fails with
+    #: ``OpenTimeoutError``.
     negotiation_timeout: float = 10.0
     #: Seconds ``close()`` waits for the peer to end the carrying call after
     #: our side of it was closed, before cutting it off.
     close_timeout: float = 5.0
+    #: Seconds of silence from the peer after which this end checks that the
+    #: peer is still there; None turns keepalive off.  A tunnel client asks
+    #: with a tunneled call that every conforming peer answers at once; a
+    #: tunnel server pings the connection (see docs/keepalive.md).  Nothing
+    #: is sent while the peer is talking, so busy tunnels pay nothing.
+    keepalive_interval: float | None = 30.0
+    #: Seconds the peer has to answer that check.  A peer that does not is
+    #: taken for dead: the tunnel ends, every call on it fails with
+    #: UNAVAILABLE, and the connection under it is cut so that the next
+    #: attempt dials anew.  A silent peer is noticed within
+    #: ``keepalive_interval + keepalive_timeout`` seconds.
+    keepalive_timeout: float = 20.0
 
     def __post_init__(self) -> None:
         if self.max_receive_message_length <= 0:
@@ -59,6 +75,10 @@ class TunnelOptions:
             raise ValueError("negotiation_timeout must be positive")
         if not self.close_timeout > 0:
             raise ValueError("close_timeout must be positive")
+        if self.keepalive_interval is not None and not self.keepalive_interval > 0:
+            raise ValueError("keepalive_interval must be positive, or None to turn keepalive off")
+        if not self.keepalive_timeout > 0:
+            raise ValueError("keepalive_timeout must be positive")
 
     def protocol_settings(self) -> ProtocolSettings:
         """The keyword arguments of ``TunnelClientProtocol``/``TunnelServerProtocol``."""

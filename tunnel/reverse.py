@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import itertools
 import logging
 import random
@@ -25,21 +26,26 @@ from typing import Any, TypeVar
 
 import grpclib.client
 import grpclib.server
+from google.protobuf.empty_pb2 import Empty
 from grpclib._typing import IServable
 from grpclib.const import Cardinality, Handler, Status
 from grpclib.encoding.proto import ProtoCodec, ProtoStatusDetailsCodec
 from grpclib.events import _DispatchChannelEvents, _DispatchServerEvents
-from grpclib.exceptions import GRPCError
+from grpclib.exceptions import GRPCError, StreamTerminatedError
 from grpclib.metadata import Deadline, _MetadataLike
 from multidict import MultiDict
 
 from ._carrier import StreamCarrier
 from ._client_stream import TunnelClientStream
 from ._client_tunnel import ClientTunnel
+from ._core.connection import KEEPALIVE_METHOD
 from ._pb.tunnel_pb2 import ClientToServer, ServerToClient
+from ._seam import connection_is_lost
 from ._server_tunnel import ServerTunnel, TunnelInfo
+from ._tasks import call_back
+from ._tunnel import as_status
 from .channel import NEGOTIATE_HEADER, TunnelChannel
-from .errors import RemoteProtocolError
+from .errors import OpenTimeoutError, RemoteProtocolError, TunnelClosedError
 from .options import TunnelOptions
 
 __all__ = ["ReverseChannel", "ReverseTunnelServer"]
@@ -204,27 +210,7 @@ class ReverseChannel(grpclib.client.Channel):
         return f"<ReverseChannel {self._description}: {count} tunnel(s)>"
 
 
-class _ReverseServerCarrier(StreamCarrier[ClientToServer, ServerToClient]):
-    """The carrying ``OpenReverseTunnel`` call, from the network server's side.
-
-    The network server cannot half-close a call it serves: it ends the
-    tunnel by returning from the handler, so ``end`` is not available and
-    the tunnel stops its reader instead.
-    """
-
-    can_half_close = False
-
-    async def end(self) -> None:
-        pass
-
-    async def finish(self) -> None:
-        pass
-
-    async def aclose(self) -> None:
-        pass
-
-
-AffinityKey = Callable[[TunnelChannel], Hashable]
+AffinityKey = Callable[[TunnelChannel], Hashable | Awaitable[Hashable]]
 TunnelCallback = Callable[[TunnelChannel], object]
 
 
@@ -247,46 +233,93 @@ async def serve_reverse_tunnel(
     metadata: MultiDict[Any] = MultiDict(stream.metadata or ())
     peer_negotiates = metadata.get(NEGOTIATE_HEADER) == "on"
     await stream.send_initial_metadata(metadata={NEGOTIATE_HEADER: "on"})
-    tunnel = ClientTunnel(_ReverseServerCarrier(stream), options, peer_negotiates=peer_negotiates)
+    tunnel = ClientTunnel(
+        StreamCarrier[ClientToServer, ServerToClient](stream),
+        options,
+        peer_negotiates=peer_negotiates,
+    )
     try:
-        await tunnel.start()
-    except RemoteProtocolError as exc:
-        raise GRPCError(Status.INTERNAL, f"tunnel protocol error: {exc}") from None
+        await tunnel.start(options.negotiation_timeout)
+    except Exception as exc:
+        raise as_status(exc) from None
     channel = TunnelChannel(tunnel, metadata=metadata)
     if draining():
         tunnel.draining = True
     key: Hashable = None
+    pooled = False
     try:
-        key = affinity_key(channel) if affinity_key is not None else None
+        if affinity_key is not None:
+            key = await _affinity_key(affinity_key, channel)
         pools.add(channel, key)
+        pooled = True
         if on_open is not None:
-            on_open(channel)
+            await call_back(on_open, channel, what="on_reverse_tunnel_open")
         await tunnel.wait_closed()
     except asyncio.CancelledError:
-        # grpclib's Server.close() cancels this handler, sends nothing and
-        # leaves the connection open: the device would serve a tunnel nobody
-        # uses, forever.  Once the tunnel has stopped (below), end the
-        # carrying call with a status so that it reconnects.
-        pools.remove(channel, key)
-        channel.close()
+        # grpclib cancels this handler when the connection is lost, and when
+        # its Server closes; then it sends nothing and leaves the connection
+        # open: the device would serve a tunnel nobody uses, forever.  End
+        # the tunnel (its calls fail with UNAVAILABLE) and, if the
+        # connection is still there, end the carrying call with a status so
+        # that the device reconnects.
+        lost = connection_is_lost(stream)
+        cause = "connection lost" if lost else "the network server is stopping"
+        tunnel.abort(TunnelClosedError(cause))
+        if pooled:
+            pools.remove(channel, key)
+            pooled = False
         with contextlib.suppress(Exception):
             async with asyncio.timeout(options.close_timeout):
                 await tunnel.wait_closed()
-                await stream.send_trailing_metadata(
-                    status=Status.UNAVAILABLE, status_message="the network server is stopping"
-                )
+                if not lost:
+                    await stream.send_trailing_metadata(
+                        status=Status.UNAVAILABLE, status_message=cause
+                    )
         raise
     finally:
-        channel.close()
-        pools.remove(channel, key)
-        await tunnel.wait_closed()
+        if pooled:
+            pools.remove(channel, key)
+        if not tunnel.closed:
+            channel.close()
+        with contextlib.suppress(asyncio.CancelledError):
+            await tunnel.wait_closed()
         if on_close is not None:
-            on_close(channel)
+            await call_back(on_close, channel, what="on_reverse_tunnel_close")
     if isinstance(tunnel.error, RemoteProtocolError):
-        raise GRPCError(Status.INTERNAL, f"tunnel protocol error: {tunnel.error}")
+        raise as_status(tunnel.error)
+
+
+async def _affinity_key(affinity_key: AffinityKey, channel: TunnelChannel) -> Hashable:
+    """The pool key of a new reverse tunnel; a failing key function refuses it."""
+    try:
+        key = affinity_key(channel)
+        if inspect.isawaitable(key):
+            key = await key
+    except Exception:
+        log.exception("affinity_key function %r raised; reverse tunnel refused", affinity_key)
+        refusal = "the network server could not register the tunnel"
+        raise GRPCError(Status.INTERNAL, refusal) from None
+    return key
 
 
 # -- the network client's side ----------------------------------------------------------
+
+
+async def _probe_network_server(channel: grpclib.client.Channel) -> None:
+    """Keepalive of a device: a call the network server answers at once.
+
+    A device is the tunnel server and cannot start calls inside its tunnel,
+    so it asks outside it, on the connection the tunnel runs on: a call to a
+    method nobody serves.  Any status is an answer.  Unlike an HTTP/2 PING,
+    the answer is data from the server, which grpc-go's ping policing
+    counts in the device's favour (see docs/keepalive.md).
+    """
+    try:
+        async with channel.request(KEEPALIVE_METHOD, Cardinality.UNARY_UNARY, Empty, Empty) as call:
+            await call.send_message(Empty(), end=True)
+            await call.recv_message()
+    except (GRPCError, StreamTerminatedError):
+        pass
 
 
 class _Closed(Exception):
@@ -365,12 +398,22 @@ class ReverseTunnelServer:
         stream: grpclib.client.Stream[ServerToClient, ClientToServer],
         metadata: MultiDict[Any],
     ) -> None:
-        # Opening waits on the network server, which may never answer;
-        # close() must not wait for it.
-        await self._unless_closed(stream.send_request)
-        await self._unless_closed(stream.recv_initial_metadata)
+        # Opening waits on the network server, which may never answer:
+        # close() must not wait for it, and it is bounded.
+        timeout = self._options.negotiation_timeout
+        step = "no connection"
+        try:
+            async with asyncio.timeout(timeout):
+                await self._unless_closed(stream.send_request)
+                step = "no response headers"
+                await self._unless_closed(stream.recv_initial_metadata)
+        except TimeoutError:
+            raise OpenTimeoutError(
+                f"could not open the reverse tunnel within {timeout:g} s: {step}"
+            ) from None
         response_md: MultiDict[Any] = MultiDict(stream.initial_metadata or ())
         self.response_metadata = response_md
+        channel = self._channel
         tunnel = ServerTunnel(
             StreamCarrier[ServerToClient, ClientToServer](stream),
             self._mapping,
@@ -386,14 +429,15 @@ class ReverseTunnelServer:
             options=self._options,
             peer_negotiates=response_md.get(NEGOTIATE_HEADER) == "on",
             user_agent=None,
+            probe=lambda: _probe_network_server(channel),
         )
         if self._closed:
             raise _Closed
         self._tunnels.add(tunnel)
         try:
             await tunnel.serve()
-        except RemoteProtocolError as exc:
-            raise GRPCError(Status.INTERNAL, f"tunnel protocol error: {exc}") from None
+        except Exception as exc:
+            raise as_status(exc) from None
         finally:
             self._tunnels.discard(tunnel)
         with contextlib.suppress(Exception):

@@ -27,7 +27,13 @@ from ..errors import LocalProtocolError, RemoteProtocolError
 from .events import Event
 from .flow import MAX_WINDOW, InboundMessages, OutboundMessage
 
-__all__ = ["Connection", "StreamState"]
+__all__ = ["KEEPALIVE_METHOD", "Connection", "StreamState"]
+
+#: The method of a tunnel client's keepalive probe.  Nobody serves it: every
+#: conforming tunnel server answers a stream for it at once with
+#: ``close_stream`` (UNIMPLEMENTED), which is all a probe asks for.  Our
+#: tunnel server refuses it before any handler or fallback could see it.
+KEEPALIVE_METHOD = "/grpclib_tunnel.v1.Keepalive/Probe"
 
 OutFrame = TypeVar("OutFrame", bound=_ProtoMessage)
 

@@ -35,7 +35,7 @@ from .._pb.tunnel_pb2 import (
     Settings,
 )
 from ..errors import LocalProtocolError, RemoteProtocolError
-from .connection import Connection, StreamState
+from .connection import KEEPALIVE_METHOD, Connection, StreamState
 from .events import DataReceived, Event, HalfClosed, StreamOpened, StreamReset
 from .flow import INITIAL_WINDOW_SIZE, OutboundMessage, StreamFault
 from .metadata import MetadataError, decode_metadata, encode_metadata
@@ -199,7 +199,11 @@ class TunnelServerProtocol(Connection[ServerToClient]):
     def _open(self, stream_id: int, new_stream: NewStream) -> list[Event]:
         name = new_stream.method_name
         method = parse_method_name(name)
-        cardinality = self._methods.get(method) if method is not None else None
+        # The keepalive probe is refused like any unknown method, whatever
+        # is registered: answering it at once is all it asks for.
+        cardinality = (
+            None if method is None or method == KEEPALIVE_METHOD else self._methods.get(method)
+        )
         try:
             if self.shutting_down:
                 raise StreamFault(Status.UNAVAILABLE, "server is shutting down")
