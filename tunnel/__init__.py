@@ -13,11 +13,14 @@ The wire protocol is byte-compatible with the reference implementation
 (github.com/jhump/grpctunnel) and every other peer of it.
 """
 
+from ._reconnecting import ReconnectingTunnelChannel
 from ._server_tunnel import TunnelInfo, current_tunnel
 from .channel import TunnelChannel, open_tunnel
 from .errors import (
+    KeepaliveTimeoutError,
     LocalProtocolError,
     NegotiationError,
+    OpenTimeoutError,
     RemoteProtocolError,
     TunnelClosedError,
     TunnelError,
@@ -27,8 +30,11 @@ from .options import TunnelOptions
 from .reverse import ReverseChannel, ReverseTunnelServer
 
 __all__ = [
+    "KeepaliveTimeoutError",
     "LocalProtocolError",
     "NegotiationError",
+    "OpenTimeoutError",
+    "ReconnectingTunnelChannel",
     "RemoteProtocolError",
     "ReverseChannel",
     "ReverseTunnelServer",

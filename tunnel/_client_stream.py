@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Generic, TypeVar
 
@@ -89,9 +90,11 @@ class TunnelClientStream(
 
     # grpclib.client.Stream.__init__ is deliberately not called: it expects
     # an HTTP/2 connection, which a tunneled call does not have.
+    _tunnel: ClientTunnel
+
     def __init__(
         self,
-        tunnel: ClientTunnel,
+        tunnel: ClientTunnel | Callable[[], Awaitable[ClientTunnel]],
         name: str,
         metadata: _Metadata,
         cardinality: Cardinality,
@@ -103,7 +106,15 @@ class TunnelClientStream(
         dispatch: _DispatchChannelEvents,
         deadline: Deadline | None = None,
     ) -> None:
-        self._tunnel = tunnel
+        #: Where the call's tunnel comes from when it is not known yet (a
+        #: channel that reopens tunnels): asked for when the request goes out.
+        self._acquire: Callable[[], Awaitable[ClientTunnel]] | None = None
+        if callable(tunnel):
+            self._acquire = tunnel
+            self.peer = None
+        else:
+            self._tunnel = tunnel
+            self.peer = tunnel.carrier.peer
         self._name = name
         self._metadata = metadata
         self._cardinality = cardinality
@@ -117,7 +128,6 @@ class TunnelClientStream(
         self._wrapper_ctx = None
         self.initial_metadata = None
         self.trailing_metadata = None
-        self.peer = tunnel.carrier.peer
 
         self._send_request_done = False
         self._send_message_done = False
@@ -185,6 +195,11 @@ class TunnelClientStream(
             )
             if metadata:
                 encode_metadata(metadata)  # grpclib's own validation of keys and values
+            if self._acquire is not None:
+                # Waits for a usable tunnel, or fails fast, as the channel's
+                # policy says; the deadline (this wrapper) bounds the wait.
+                self._tunnel = await self._acquire()
+                self.peer = self._tunnel.carrier.peer
             timeout = None if self._deadline is None else self._deadline.time_remaining()
             try:
                 self._stream_id = self._tunnel.open_stream(

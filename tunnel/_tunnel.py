@@ -178,6 +178,8 @@ class Tunnel(Generic[InFrame, OutFrame]):
         self.error: BaseException | None = None
         #: Round-trip time of the last keepalive check, in seconds.
         self.keepalive_rtt: float | None = None
+        #: How many keepalive checks the peer answered.
+        self.keepalive_answered = 0
         self._ending: Ending | None = None
         self._stop = asyncio.Event()
         self._closed = asyncio.Event()
@@ -349,3 +351,4 @@ class Tunnel(Generic[InFrame, OutFrame]):
                 ) from None
             self._alive_at = loop.time()
             self.keepalive_rtt = self._alive_at - started
+            self.keepalive_answered += 1

@@ -24,6 +24,7 @@ from multidict import MultiDict
 
 from ._carrier import StreamCarrier
 from ._pb.tunnel_pb2 import ClientToServer, ServerToClient
+from ._retry import check_callback
 from ._seam import http2_pinger
 from ._server_tunnel import ServerTunnel, TunnelInfo
 from ._tunnel import as_status
@@ -63,6 +64,9 @@ class TunnelServiceHandler:
         on_reverse_tunnel_close: TunnelCallback | None = None,
         options: TunnelOptions | None = None,
     ) -> None:
+        check_callback(affinity_key, "affinity_key")
+        check_callback(on_reverse_tunnel_open, "on_reverse_tunnel_open")
+        check_callback(on_reverse_tunnel_close, "on_reverse_tunnel_close")
         mapping: dict[str, Handler] = {}
         for handler in handlers:
             mapping.update(handler.__mapping__())

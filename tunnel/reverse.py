@@ -18,9 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-import itertools
 import logging
-import random
 from collections.abc import Awaitable, Callable, Collection, Hashable, Mapping
 from typing import Any, TypeVar
 
@@ -40,6 +38,7 @@ from ._client_stream import TunnelClientStream
 from ._client_tunnel import ClientTunnel
 from ._core.connection import KEEPALIVE_METHOD
 from ._pb.tunnel_pb2 import ClientToServer, ServerToClient
+from ._retry import PERMANENT_STATUSES, MetadataSource, Retry, check_callback, resolve_metadata
 from ._seam import connection_is_lost
 from ._server_tunnel import ServerTunnel, TunnelInfo
 from ._tasks import call_back
@@ -362,17 +361,27 @@ class ReverseTunnelServer:
     def closed(self) -> bool:
         return self._closed
 
-    async def serve(self, metadata: _MetadataLike | None = None) -> None:
+    async def serve(self, metadata: MetadataSource = None) -> None:
         """Open one reverse tunnel and serve it until it closes.
 
         Returns normally when the network server ended the tunnel (or
         ``close()`` was called); raises the carrying call's ``GRPCError``
-        when the tunnel could not be opened or failed.  May run several
-        times at once: each call is one tunnel.
+        when the tunnel was refused or failed (UNAVAILABLE naming the cause
+        when the connection was lost or the network server stopped
+        answering keepalive checks), ``OpenTimeoutError`` when it could not
+        be opened within ``negotiation_timeout``, and the ``OSError`` of a
+        connection that could not be made.  May run several times at once:
+        each call is one tunnel.  *metadata* may be a callable (plain or
+        async) that returns it.
         """
+        await self._serve(await resolve_metadata(metadata), None)
+
+    async def _serve(
+        self, metadata: MultiDict[Any], on_open: Callable[[], Awaitable[None]] | None
+    ) -> None:
         if self._closed:
             raise GRPCError(Status.UNAVAILABLE, "reverse tunnel server is closed")
-        request_md: MultiDict[Any] = MultiDict(metadata or ())
+        request_md: MultiDict[Any] = MultiDict(metadata)
         request_md[NEGOTIATE_HEADER] = "on"
         stream = self._channel.request(
             OPEN_REVERSE_TUNNEL,
@@ -385,7 +394,7 @@ class ReverseTunnelServer:
         self._idle.clear()
         try:
             async with stream:
-                await self._serve_on(stream, MultiDict(metadata or ()))
+                await self._serve_on(stream, metadata, on_open)
         except _Closed:
             pass  # close() ended it; leaving ``async with`` reset the call
         finally:
@@ -397,6 +406,7 @@ class ReverseTunnelServer:
         self,
         stream: grpclib.client.Stream[ServerToClient, ClientToServer],
         metadata: MultiDict[Any],
+        on_open: Callable[[], Awaitable[None]] | None,
     ) -> None:
         # Opening waits on the network server, which may never answer:
         # close() must not wait for it, and it is bounded.
@@ -435,6 +445,8 @@ class ReverseTunnelServer:
             raise _Closed
         self._tunnels.add(tunnel)
         try:
+            if on_open is not None:
+                await on_open()
             await tunnel.serve()
         except Exception as exc:
             raise as_status(exc) from None
@@ -474,51 +486,89 @@ class ReverseTunnelServer:
 
     async def serve_forever(
         self,
-        metadata: _MetadataLike | None = None,
+        metadata: MetadataSource = None,
         *,
         min_backoff: float = 0.1,
         max_backoff: float = 30.0,
         jitter: float = 0.2,
+        stable_after: float = 5.0,
+        permanent_statuses: Collection[Status] = PERMANENT_STATUSES,
+        permanent_attempts: int = 3,
+        on_connected: Callable[[], object] | None = None,
+        on_disconnected: Callable[[str], object] | None = None,
     ) -> None:
         """Keep one reverse tunnel open until ``close()``.
 
         When the tunnel or its connection drops (or cannot be opened), it is
-        reopened after an exponential backoff from ``min_backoff`` to
-        ``max_backoff`` seconds, each delay randomised by +/- ``jitter``
-        (a fraction), so that many clients do not reconnect in step.  A
-        tunnel that stayed up resets the backoff.  Every reconnect is logged
-        with its reason.
+        reopened after a backoff (see ``tunnel._retry``: exponential from
+        ``min_backoff`` to ``max_backoff`` seconds, +/- ``jitter``, starting
+        over once a tunnel stayed up ``stable_after`` seconds).  A refusal
+        with one of ``permanent_statuses`` (UNIMPLEMENTED, UNAUTHENTICATED,
+        PERMISSION_DENIED by default) is raised after ``permanent_attempts``
+        of them in a row, instead of being retried forever.
+
+        Each connection is logged at INFO (with the attempts it took and how
+        long the device was without a tunnel), each drop and failed attempt
+        at WARNING with its reason and the delay before the next.
+        ``on_connected()`` and ``on_disconnected(reason)`` (plain or async)
+        are called as the tunnel comes and goes.  *metadata* may be a
+        callable (plain or async), called anew for every attempt.
         """
-        if min_backoff <= 0 or max_backoff < min_backoff or not 0 <= jitter < 1:
-            raise ValueError("need 0 < min_backoff <= max_backoff and 0 <= jitter < 1")
-        backoff = min_backoff
-        for attempt in itertools.count(1):
-            if self._closed:
-                return
-            loop = asyncio.get_running_loop()
-            started = loop.time()
-            reason: str
+        check_callback(on_connected, "on_connected")
+        check_callback(on_disconnected, "on_disconnected")
+        retry = Retry(
+            min_backoff=min_backoff,
+            max_backoff=max_backoff,
+            jitter=jitter,
+            stable_after=stable_after,
+            permanent_statuses=permanent_statuses,
+            permanent_attempts=permanent_attempts,
+        )
+        loop = asyncio.get_running_loop()
+        down_since = loop.time()
+        attempts = 0
+        while not self._closed:
+            attempts += 1
+            opened_at: float | None = None
+
+            async def connected(attempts: int = attempts, down_since: float = down_since) -> None:
+                nonlocal opened_at
+                opened_at = loop.time()
+                retry.opened()
+                log.info(
+                    "reverse tunnel connected after %d attempt(s), %.2f s without a tunnel",
+                    attempts,
+                    opened_at - down_since,
+                )
+                if on_connected is not None:
+                    await call_back(on_connected, what="on_connected")
+
+            error: BaseException | None = None
             try:
-                await self.serve(metadata)
+                await self._serve(await resolve_metadata(metadata), connected)
                 reason = "the network server closed the tunnel"
             except GRPCError as exc:
-                reason = f"{exc.status.name}: {exc.message}"
-            except (TimeoutError, OSError, ConnectionError) as exc:
-                reason = f"{type(exc).__name__}: {exc}"
-            except Exception as exc:  # the connection died in some other way
-                reason = f"{type(exc).__name__}: {exc}"
+                error, reason = exc, f"{exc.status.name}: {exc.message}"
+            except Exception as exc:  # the connection failed in some other way
+                error, reason = exc, f"{type(exc).__name__}: {exc}"
+            now = loop.time()
+            if opened_at is not None:
+                attempts = 0
+                down_since = now
+                retry.closed_after(now - opened_at)
+                if on_disconnected is not None:
+                    await call_back(on_disconnected, reason, what="on_disconnected")
             if self._closed:
                 return
-            if loop.time() - started > max_backoff:
-                backoff = min_backoff  # it was up for a while: start over
-            delay = backoff * random.uniform(1 - jitter, 1 + jitter)
-            log.warning(
-                "reverse tunnel attempt %d ended (%s); reconnecting in %.2f s",
-                attempt,
-                reason,
-                delay,
-            )
-            backoff = min(backoff * 2, max_backoff)
+            if error is not None:
+                try:
+                    retry.failed(error)
+                except GRPCError:
+                    log.error("reverse tunnel refused (%s); giving up", reason)
+                    raise
+            delay = retry.next_delay()
+            lost = "lost" if opened_at is not None else f"attempt {attempts} failed"
+            log.warning("reverse tunnel %s (%s); reconnecting in %.2f s", lost, reason, delay)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay):
                     await self._stop_forever.wait()

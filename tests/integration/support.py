@@ -248,14 +248,23 @@ async def call_until_it_ends(
 
 
 class Proxy:
-    """Forwards 127.0.0.1 connections to a port; ``cut()`` aborts them all."""
+    """Forwards 127.0.0.1 connections to a port.
+
+    ``cut()`` aborts every connection; ``freeze()`` stops forwarding while
+    keeping the connections open (a NAT that dropped its mapping, a frozen
+    VM, a black-holing middlebox), and ``thaw()`` resumes.
+    """
 
     def __init__(self, target_port: int) -> None:
         self._target = target_port
         self._server: asyncio.Server | None = None
         self._writers: list[asyncio.StreamWriter] = []
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._flowing = asyncio.Event()
+        self._flowing.set()
         self.port = 0
+        #: Connections accepted so far.
+        self.connections = 0
 
     async def __aenter__(self) -> Proxy:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
@@ -267,6 +276,7 @@ class Proxy:
         assert task is not None
         self._tasks.add(task)
         self._writers.append(writer)
+        self.connections += 1
         try:
             up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self._target)
             self._writers.append(up_writer)
@@ -276,14 +286,26 @@ class Proxy:
         finally:
             self._tasks.discard(task)
 
-    @staticmethod
-    async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            while data := await reader.read(65536):
+            while True:
+                await self._flowing.wait()
+                data = await reader.read(65536)
+                if not data:
+                    break
+                # Data read just before a freeze is held back too.
+                await self._flowing.wait()
                 writer.write(data)
                 await writer.drain()
         finally:
             writer.transport.abort()
+
+    def freeze(self) -> None:
+        """Stop forwarding in both directions; connections stay open."""
+        self._flowing.clear()
+
+    def thaw(self) -> None:
+        self._flowing.set()
 
     def cut(self) -> None:
         """Abort every connection at once (no FIN, no goodbye)."""
@@ -294,6 +316,7 @@ class Proxy:
         assert self._server is not None
         self._server.close()
         self.cut()
+        self.thaw()
         async with asyncio.timeout(5):
             await self._server.wait_closed()
             while self._tasks:
