@@ -7,6 +7,7 @@ import inspect
 
 import grpclib.client
 import pytest
+from grpclib.const import Status
 
 import tunnel
 
@@ -18,8 +19,11 @@ def parameters(func: object) -> list[tuple[str, str, object]]:
 
 def test_exports() -> None:
     assert sorted(tunnel.__all__) == [
+        "KeepaliveTimeoutError",
         "LocalProtocolError",
         "NegotiationError",
+        "OpenTimeoutError",
+        "ReconnectingTunnelChannel",
         "RemoteProtocolError",
         "ReverseChannel",
         "ReverseTunnelServer",
@@ -39,9 +43,10 @@ def test_exports() -> None:
 def test_channels_are_grpclib_channels() -> None:
     assert issubclass(tunnel.TunnelChannel, grpclib.client.Channel)
     assert issubclass(tunnel.ReverseChannel, grpclib.client.Channel)
+    assert issubclass(tunnel.ReconnectingTunnelChannel, grpclib.client.Channel)
     # request() keeps grpclib's exact signature, so every stub can call it.
-    assert parameters(tunnel.TunnelChannel.request) == parameters(grpclib.client.Channel.request)
-    assert parameters(tunnel.ReverseChannel.request) == parameters(grpclib.client.Channel.request)
+    for channel in (tunnel.TunnelChannel, tunnel.ReverseChannel, tunnel.ReconnectingTunnelChannel):
+        assert parameters(channel.request) == parameters(grpclib.client.Channel.request)
 
 
 def test_open_tunnel_signature() -> None:
@@ -80,6 +85,45 @@ def test_reverse_tunnel_server_signature() -> None:
     )
     for method in ("serve_forever", "close", "graceful_stop", "wait_closed"):
         assert callable(getattr(tunnel.ReverseTunnelServer, method))
+    assert parameters(tunnel.ReverseTunnelServer.serve_forever) == [
+        ("self", "POSITIONAL_OR_KEYWORD", inspect.Parameter.empty),
+        ("metadata", "POSITIONAL_OR_KEYWORD", None),
+        ("min_backoff", "KEYWORD_ONLY", 0.1),
+        ("max_backoff", "KEYWORD_ONLY", 30.0),
+        ("jitter", "KEYWORD_ONLY", 0.2),
+        ("stable_after", "KEYWORD_ONLY", 5.0),
+        (
+            "permanent_statuses",
+            "KEYWORD_ONLY",
+            tunnel.ReverseTunnelServer.serve_forever.__kwdefaults__["permanent_statuses"],
+        ),
+        ("permanent_attempts", "KEYWORD_ONLY", 3),
+        ("on_connected", "KEYWORD_ONLY", None),
+        ("on_disconnected", "KEYWORD_ONLY", None),
+    ]
+
+
+def test_reconnecting_channel_signature() -> None:
+    assert parameters(tunnel.ReconnectingTunnelChannel.__init__) == [
+        ("self", "POSITIONAL_OR_KEYWORD", inspect.Parameter.empty),
+        ("channel", "POSITIONAL_OR_KEYWORD", inspect.Parameter.empty),
+        ("metadata", "KEYWORD_ONLY", None),
+        ("options", "KEYWORD_ONLY", None),
+        ("wait_for_ready", "KEYWORD_ONLY", False),
+        ("min_backoff", "KEYWORD_ONLY", 0.1),
+        ("max_backoff", "KEYWORD_ONLY", 30.0),
+        ("jitter", "KEYWORD_ONLY", 0.2),
+        ("stable_after", "KEYWORD_ONLY", 5.0),
+        (
+            "permanent_statuses",
+            "KEYWORD_ONLY",
+            tunnel.ReverseTunnelServer.serve_forever.__kwdefaults__["permanent_statuses"],
+        ),
+        ("permanent_attempts", "KEYWORD_ONLY", 3),
+        ("on_tunnel_open", "KEYWORD_ONLY", None),
+    ]
+    permanent = tunnel.ReconnectingTunnelChannel.__init__.__kwdefaults__["permanent_statuses"]
+    assert permanent == {Status.UNIMPLEMENTED, Status.UNAUTHENTICATED, Status.PERMISSION_DENIED}
 
 
 def test_options_defaults_and_validation() -> None:
@@ -87,6 +131,9 @@ def test_options_defaults_and_validation() -> None:
     assert options.disable_flow_control is False
     assert options.max_receive_message_length == 4 * 1024 * 1024
     assert options.initial_window_size == 65_536  # what the reference announces
+    # A silent peer is noticed within a minute by default.
+    assert options.keepalive_interval is not None
+    assert options.keepalive_interval + options.keepalive_timeout <= 60
     assert dataclasses.is_dataclass(options)
     with_defaults = {f.name for f in dataclasses.fields(options)}
     assert {"disable_flow_control", "max_receive_message_length"} <= with_defaults
@@ -97,6 +144,8 @@ def test_options_defaults_and_validation() -> None:
         {"close_timeout": -1.0},
         {"initial_window_size": 0},
         {"initial_window_size": 2**31},
+        {"keepalive_interval": 0},
+        {"keepalive_timeout": 0},
     ):
         with pytest.raises(ValueError):
             tunnel.TunnelOptions(**bad)  # type: ignore[arg-type]

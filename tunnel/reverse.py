@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import itertools
 import logging
 from collections.abc import Awaitable, Callable, Collection, Hashable, Mapping
 from typing import Any, TypeVar
@@ -397,6 +398,10 @@ class ReverseTunnelServer:
                 await self._serve_on(stream, metadata, on_open)
         except _Closed:
             pass  # close() ended it; leaving ``async with`` reset the call
+        except StreamTerminatedError as exc:
+            # Leaving ``async with`` found no status in the call's trailers
+            # (grpclib raises it from there when a reset came after one).
+            raise as_status(exc) from None
         finally:
             self._serving -= 1
             if not self._serving:
@@ -448,6 +453,8 @@ class ReverseTunnelServer:
             if on_open is not None:
                 await on_open()
             await tunnel.serve()
+        except StreamTerminatedError:
+            raise  # the network server's status may be in the trailers
         except Exception as exc:
             raise as_status(exc) from None
         finally:
@@ -526,8 +533,10 @@ class ReverseTunnelServer:
         )
         loop = asyncio.get_running_loop()
         down_since = loop.time()
-        attempts = 0
-        while not self._closed:
+        attempts = 0  # since the last tunnel opened
+        for attempt in itertools.count(1):
+            if self._closed:
+                return
             attempts += 1
             opened_at: float | None = None
 
@@ -567,8 +576,12 @@ class ReverseTunnelServer:
                     log.error("reverse tunnel refused (%s); giving up", reason)
                     raise
             delay = retry.next_delay()
-            lost = "lost" if opened_at is not None else f"attempt {attempts} failed"
-            log.warning("reverse tunnel %s (%s); reconnecting in %.2f s", lost, reason, delay)
+            log.warning(
+                "reverse tunnel attempt %d ended (%s); reconnecting in %.2f s",
+                attempt,
+                reason,
+                delay,
+            )
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay):
                     await self._stop_forever.wait()
