@@ -68,6 +68,20 @@ class Device(TestServiceBase):
                 raise
         return Message(payload=self.name.encode())
 
+    async def server_stream(self, message: Message) -> AsyncIterator[Message]:
+        """The device's name, then (for ``b"block"``) nothing until cancelled.
+
+        A caller that received the name knows the call reached the handler.
+        """
+        yield Message(payload=self.name.encode())
+        if message.payload == b"block":
+            self.started.set()
+            try:
+                await self.release.wait()
+            except asyncio.CancelledError:
+                self.cancelled.set()
+                raise
+
 
 async def who(channel: grpclib.client.Channel, payload: bytes = b"who") -> str:
     """Ask whichever device *channel* reaches for its name."""
