@@ -15,7 +15,6 @@ from collections.abc import Collection, Hashable, Mapping
 from typing import Any
 
 import grpclib.server
-from grpclib._typing import IServable
 from grpclib.const import Cardinality, Handler, Status
 from grpclib.encoding.proto import ProtoCodec, ProtoStatusDetailsCodec
 from grpclib.events import _DispatchServerEvents
@@ -28,6 +27,7 @@ from ._retry import check_callback
 from ._seam import http2_pinger
 from ._server_tunnel import ServerTunnel, TunnelInfo
 from ._tunnel import as_status
+from ._typing import Servable
 from .channel import NEGOTIATE_HEADER, OPEN_TUNNEL, TunnelChannel
 from .options import TunnelOptions
 from .reverse import (
@@ -56,7 +56,7 @@ class TunnelServiceHandler:
 
     def __init__(
         self,
-        handlers: Collection[IServable] = (),
+        handlers: Collection[Servable] = (),
         *,
         reverse_tunnels: bool = True,
         affinity_key: AffinityKey | None = None,

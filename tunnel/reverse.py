@@ -26,7 +26,6 @@ from typing import Any, TypeVar
 import grpclib.client
 import grpclib.server
 from google.protobuf.empty_pb2 import Empty
-from grpclib._typing import IServable
 from grpclib.const import Cardinality, Handler, Status
 from grpclib.encoding.proto import ProtoCodec, ProtoStatusDetailsCodec
 from grpclib.events import _DispatchChannelEvents, _DispatchServerEvents
@@ -44,6 +43,7 @@ from ._seam import connection_is_lost
 from ._server_tunnel import ServerTunnel, TunnelInfo
 from ._tasks import call_back
 from ._tunnel import as_status
+from ._typing import Servable
 from .channel import NEGOTIATE_HEADER, TunnelChannel
 from .errors import OpenTimeoutError, RemoteProtocolError, TunnelClosedError
 from .options import TunnelOptions
@@ -336,7 +336,7 @@ class ReverseTunnelServer:
     def __init__(
         self,
         channel: grpclib.client.Channel,
-        handlers: Collection[IServable],
+        handlers: Collection[Servable],
         *,
         options: TunnelOptions | None = None,
     ) -> None:
