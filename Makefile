@@ -13,14 +13,14 @@ PY := $(VENV)/bin/python
 PIP_FLAGS ?= -q
 
 # Where the code lives; `lint` only names the directories that exist.
-SRC_DIRS := $(wildcard tunnel tests examples benchmarks)
+SRC_DIRS := $(wildcard tunnel tests examples benchmarks .ci)
 
 # Generated code, rewritten as a whole by `make proto` and compared by `make proto-check`.
 # (tunnel/_pb is named file by file: only those files are this target's.)
 GEN_PATHS := tunnel/_pb/__init__.py tunnel/_pb/tunnel_pb2.py tunnel/_pb/tunnel_pb2.pyi \
 	tunnel/testing/_pb tests/stubs/bp2 tests/stubs/pb
 
-.PHONY: help install proto proto-check lint typecheck test check demo bench
+.PHONY: help install proto proto-check lint typecheck test check install-check demo bench
 
 help:
 	@echo "make install      create $(VENV) and install the package with its dev and testing extras"
@@ -30,6 +30,7 @@ help:
 	@echo "make typecheck    mypy --strict on tunnel/ (configured in pyproject.toml)"
 	@echo "make test         the whole test suite"
 	@echo "make check        lint, typecheck, proto-check and test"
+	@echo "make install-check build the wheel, pip install it into a fresh venv, run one forward and one reverse call"
 	@echo "make demo         run the demo (python -m tunnel.demo)"
 	@echo "make bench        run the benchmarks (python -m benchmarks)"
 
@@ -127,6 +128,25 @@ test:
 	$(PY) -m pytest -q
 
 check: lint typecheck proto-check test
+
+# What a user's plain `pip install` gets: build the sdist and the wheel from it
+# (isolated, as any installer builds them), install the wheel into a fresh
+# virtualenv with the run-time dependencies only (no extras), and run
+# .ci/install_check.py there with `python -I` from outside the source tree.
+# The build log is shown only when the build fails; the temporary directory
+# (sdist, wheel, virtualenv) is removed however it ends.
+install-check:
+	tmp=$$(mktemp -d)
+	trap 'rm -rf "$$tmp"' EXIT
+	$(PY) -m build --outdir "$$tmp/dist" . > "$$tmp/build.log" 2>&1 \
+	    || { cat "$$tmp/build.log" >&2; echo "install-check: the build failed" >&2; exit 1; }
+	wheels=("$$tmp"/dist/*.whl)
+	[ "$${#wheels[@]}" -eq 1 ] && [ -f "$${wheels[0]}" ] \
+	    || { echo "install-check: expected one wheel, got: $${wheels[*]}" >&2; exit 1; }
+	python3 -m venv "$$tmp/venv"
+	"$$tmp/venv/bin/python" -m pip install $(PIP_FLAGS) "$${wheels[0]}"
+	cd "$$tmp"
+	"$$tmp/venv/bin/python" -I "$(abspath .ci/install_check.py)"
 
 demo:
 	$(PY) -m tunnel.demo

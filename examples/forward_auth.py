@@ -23,7 +23,7 @@ from grpclib.exceptions import GRPCError
 from grpclib.server import Server
 
 from tunnel import TunnelServiceHandler, current_tunnel, open_tunnel
-from tunnel.testing._pb.grpchantesting import Message, TestServiceBase, TestServiceStub
+from tunnel.testing import Message, TestServiceBase, TestServiceStub
 
 OPEN_TUNNEL = "/grpctunnel.v1.TunnelService/OpenTunnel"
 TOKENS = {"s3cret-alice": "alice", "s3cret-bob": "bob"}

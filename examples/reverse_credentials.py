@@ -29,7 +29,7 @@ from grpclib.exceptions import GRPCError
 from grpclib.server import Server
 
 from tunnel import ReverseTunnelServer, TunnelServiceHandler, current_tunnel
-from tunnel.testing._pb.grpchantesting import Message, TestServiceBase, TestServiceStub
+from tunnel.testing import Message, TestServiceBase, TestServiceStub
 
 OPEN_REVERSE_TUNNEL = "/grpctunnel.v1.TunnelService/OpenReverseTunnel"
 TRUSTED_SERVER_TOKEN = "router-7f3a"

@@ -22,7 +22,7 @@ from grpclib.exceptions import GRPCError
 from grpclib.server import Server
 
 from tunnel import ReverseTunnelServer, TunnelChannel, TunnelServiceHandler
-from tunnel.testing._pb.grpchantesting import Message, TestServiceBase, TestServiceStub
+from tunnel.testing import Message, TestServiceBase, TestServiceStub
 
 
 class Thermometer(TestServiceBase):

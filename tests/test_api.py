@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import inspect
 
 import grpclib.client
@@ -38,6 +39,22 @@ def test_exports() -> None:
     ]
     for name in tunnel.__all__:
         assert getattr(tunnel, name).__module__.startswith("tunnel")
+
+
+def test_version_is_the_distributions() -> None:
+    # Written once, in tunnel/__init__.py; the installed metadata reads it from there.
+    assert tunnel.__version__ == importlib.metadata.version("grpclib-tunnel")
+
+
+def test_testing_exports() -> None:
+    import tunnel.testing
+
+    assert sorted(tunnel.testing.__all__) == [
+        "Message",
+        "TestService",
+        "TestServiceBase",
+        "TestServiceStub",
+    ]
 
 
 def test_channels_are_grpclib_channels() -> None:

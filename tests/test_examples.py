@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
 
 EXPECTED = {
     "forward_auth.py": [
@@ -59,3 +61,42 @@ def test_demo_shows_forward_and_reverse() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     for line in ("bidi streaming:", "reverse tunnel open", "server -> device: b'ping the device'"):
         assert line in done.stdout, done.stdout
+
+
+def test_demo_without_the_testing_extra_says_what_to_install() -> None:
+    # betterproto made unimportable, as in an install without the extra
+    # (.ci/install_check.py checks the same in a real one).
+    without_betterproto = (
+        "import runpy, sys; sys.modules['betterproto'] = None; "
+        "runpy.run_module('tunnel.demo', run_name='__main__', alter_sys=True)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", without_betterproto],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=EXAMPLES.parent,
+    )
+    assert done.returncode != 0
+    assert done.stdout == ""
+    assert done.stderr.splitlines() == [
+        "python -m tunnel.demo: tunnel.testing needs the 'testing' extra: "
+        "pip install 'grpclib-tunnel[testing]'"
+    ]
+
+
+_IMPORT = re.compile(r"^\s*(?:from|import)\s+(tunnel(?:\.\w+)*)", re.MULTILINE)
+
+
+def test_examples_and_docs_use_only_public_modules() -> None:
+    """What users copy from must not lean on names we may change (``_pb``, ...)."""
+    sources = [*EXAMPLES.glob("*.py"), *(ROOT / "docs").glob("*.md"), ROOT / "README.md"]
+    private = {
+        f"{path.relative_to(ROOT)}: {module}"
+        for path in sources
+        for module in _IMPORT.findall(path.read_text())
+        if any(part.startswith("_") for part in module.split("."))
+    }
+    assert not private
+    # The check sees the imports it is meant to see.
+    assert "tunnel.testing" in _IMPORT.findall((EXAMPLES / "forward_auth.py").read_text())

@@ -29,6 +29,10 @@ from .handler import TunnelServiceHandler
 from .options import TunnelOptions
 from .reverse import ReverseChannel, ReverseTunnelServer
 
+# The one place the version is written: pyproject.toml reads it from here
+# (statically), and the installed distribution's metadata carries it.
+__version__ = "0.1.0.dev0"
+
 __all__ = [
     "KeepaliveTimeoutError",
     "LocalProtocolError",

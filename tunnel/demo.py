@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import sys
 from collections.abc import AsyncIterator
 
 from grpclib.client import Channel
@@ -19,8 +20,14 @@ from grpclib.exceptions import GRPCError
 from grpclib.server import Server
 
 from tunnel import ReverseTunnelServer, TunnelServiceHandler, open_tunnel
-from tunnel.testing import TestService
-from tunnel.testing._pb.grpchantesting import Message, TestServiceStub
+
+try:
+    from tunnel.testing import Message, TestService, TestServiceStub
+except ModuleNotFoundError as exc:
+    if exc.name != "betterproto":
+        raise
+    # One line that says what to do, not a traceback.
+    sys.exit(f"python -m tunnel.demo: {exc}")
 
 
 def _listen() -> socket.socket:
