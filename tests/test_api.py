@@ -22,6 +22,7 @@ def test_exports() -> None:
     assert sorted(tunnel.__all__) == [
         "KeepaliveTimeoutError",
         "LocalProtocolError",
+        "MetadataError",
         "NegotiationError",
         "OpenTimeoutError",
         "ReconnectingTunnelChannel",
@@ -39,6 +40,22 @@ def test_exports() -> None:
     ]
     for name in tunnel.__all__:
         assert getattr(tunnel, name).__module__.startswith("tunnel")
+
+
+def test_every_exception_class_is_a_tunnel_error() -> None:
+    import tunnel.errors
+
+    defined = [
+        obj
+        for module in (tunnel, tunnel.errors)
+        for obj in vars(module).values()
+        if isinstance(obj, type) and issubclass(obj, BaseException)
+    ]
+    assert tunnel.MetadataError in defined
+    for cls in defined:
+        assert issubclass(cls, tunnel.TunnelError), cls
+    # grpclib refuses metadata with ValueError; so does the tunnel, more precisely.
+    assert issubclass(tunnel.MetadataError, ValueError)
 
 
 def test_version_is_the_distributions() -> None:

@@ -19,6 +19,7 @@ from .channel import TunnelChannel, open_tunnel
 from .errors import (
     KeepaliveTimeoutError,
     LocalProtocolError,
+    MetadataError,
     NegotiationError,
     OpenTimeoutError,
     RemoteProtocolError,
@@ -36,6 +37,7 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "KeepaliveTimeoutError",
     "LocalProtocolError",
+    "MetadataError",
     "NegotiationError",
     "OpenTimeoutError",
     "ReconnectingTunnelChannel",

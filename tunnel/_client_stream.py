@@ -32,7 +32,7 @@ from grpclib.metadata import Deadline, _Metadata, encode_metadata
 from grpclib.utils import DeadlineWrapper, Wrapper
 from multidict import MultiDict
 
-from ._core.metadata import MetadataError, MetadataPairs
+from ._core.metadata import MetadataPairs
 from ._inbox import Inbox
 from .errors import TunnelClosedError
 
@@ -211,8 +211,6 @@ class TunnelClientStream(
                 )
             except TunnelClosedError as exc:
                 raise GRPCError(Status.UNAVAILABLE, str(exc)) from None
-            except MetadataError as exc:
-                raise ValueError(str(exc)) from None
             self._inbox.acknowledge = functools.partial(self._tunnel.acknowledge, self._stream_id)
             self._send_request_done = True
             if end:

@@ -1,19 +1,73 @@
-"""Exceptions: who is at fault, and how far the damage goes.
+"""Exceptions: what a user catches, who is at fault, how far the damage goes.
 
-Two questions decide how a failure is reported, and the exception classes
-answer them (the split follows h11's local/remote errors):
+What you catch.  A tunneled call keeps grpclib's conventions, so code
+written for a plain grpclib ``Channel`` handles a ``TunnelChannel`` unchanged;
+where grpclib has no convention, the exception is one of this module's.
+Every exception class this library defines is a ``TunnelError``; the
+exceptions it passes on from grpclib, asyncio and the operating system are
+not (they are the same ones a plain grpclib call raises).
 
-* Whose fault is it?  ``LocalProtocolError`` means *you* misused the API (sent
-  on a finished stream, opened a stream before the tunnel was ready, ...).
+==========================================  ==============================================
+What went wrong                              What is raised
+==========================================  ==============================================
+A call ends with a non-OK status: its        ``grpclib.exceptions.GRPCError`` with that
+handler's, or the tunnel's (the tunnel       status, message and details (as over
+went away: UNAVAILABLE; the caller's own     grpclib directly)
+``close()``: CANCELLED)
+A call's local deadline passes               ``asyncio.TimeoutError`` (grpclib's)
+A call's stream API is misused (a second     ``grpclib.exceptions.ProtocolError``
+message on a unary call, ``end()`` twice)    (grpclib's)
+Metadata that grpclib refuses (a bad key,    ``ValueError`` / ``TypeError``, as grpclib's
+a value of the wrong type)                   ``encode_metadata`` raises them
+Metadata that grpclib takes but the tunnel   ``MetadataError``: a ``TunnelError`` and a
+cannot carry (binary values that are not     ``ValueError``; raised where it is sent (the
+UTF-8, more than ``max_metadata_size``)      call's first send, or the handler's
+                                             ``send_initial/trailing_metadata``); only that
+                                             call fails
+Opening a tunnel (``open_tunnel``,
+``ReverseTunnelServer.serve``):
+- the server refuses it                      ``GRPCError`` with the server's status
+- no connection can be made                  the ``OSError`` grpclib raises
+                                             (``ConnectionRefusedError``, ...), unchanged
+- the peer breaks negotiation (a first       ``NegotiationError``
+  frame that is not ``Settings``, no
+  revision in common)
+- the opening takes longer than              ``OpenTimeoutError``: a ``NegotiationError``
+  ``TunnelOptions.negotiation_timeout``      and a ``TimeoutError``
+An open tunnel ends under its calls:         on the tunnel's ``error`` attribute
+                                             (``TunnelChannel.error``); each call on it
+                                             fails with ``GRPCError(UNAVAILABLE)`` naming
+                                             the cause
+- the peer breaks the protocol badly         ``RemoteProtocolError``
+  enough that the tunnel must end (a frame
+  for a stream never opened, a stream id
+  reused)
+- the peer stops answering keepalive         ``KeepaliveTimeoutError``
+  checks
+- the connection is lost                     grpclib's error for it
+``ReverseTunnelServer.serve()`` whose        the carrying call's ``GRPCError``:
+tunnel failed after it opened                UNAVAILABLE naming the cause, INTERNAL
+                                             "tunnel protocol error: ..." for a peer
+                                             that broke the protocol
+==========================================  ==============================================
+
+``tests/integration/test_errors_table.py`` checks each row against a real
+grpclib server.
+
+Who is at fault, and how far it reaches (the split follows h11's
+local/remote errors); these matter inside the library, where the sans-IO
+core raises them and the asyncio layer turns them into the rows above:
+
+* ``LocalProtocolError`` means *our* side misused the protocol (sent on a
+  finished stream, opened a stream before the tunnel was ready, ...);
   ``RemoteProtocolError`` means the *peer* broke the grpctunnel.v1 protocol.
-* How far does it reach?  A fault confined to one tunneled stream never raises
-  out of the protocol core: that stream is ended with a gRPC status and the
-  tunnel lives on.  Only faults that make the whole tunnel untrustworthy (a
-  stream id reused, a frame for a stream that was never opened, failed
-  negotiation) surface as ``RemoteProtocolError`` and end the tunnel.
-
-Calls made through a tunnel keep grpclib's conventions: a failed call raises
-``grpclib.exceptions.GRPCError`` with a status, whatever the cause.
+* A fault confined to one tunneled stream never raises out of the protocol
+  core: that stream is ended with a gRPC status and the tunnel lives on.
+  Only faults that make the whole tunnel untrustworthy (a stream id reused,
+  a frame for a stream that was never opened, failed negotiation) surface as
+  ``RemoteProtocolError`` and end the tunnel.
+* ``TunnelClosedError``: a new stream on a tunnel that is closed or closing;
+  a caller sees ``GRPCError(UNAVAILABLE)`` instead.
 """
 
 from __future__ import annotations
@@ -21,6 +75,7 @@ from __future__ import annotations
 __all__ = [
     "KeepaliveTimeoutError",
     "LocalProtocolError",
+    "MetadataError",
     "NegotiationError",
     "OpenTimeoutError",
     "RemoteProtocolError",
@@ -30,7 +85,7 @@ __all__ = [
 
 
 class TunnelError(Exception):
-    """Base class of every exception raised by this library."""
+    """Base class of every exception class this library defines."""
 
 
 class LocalProtocolError(TunnelError):
@@ -61,3 +116,11 @@ class OpenTimeoutError(NegotiationError, TimeoutError):
 
 class KeepaliveTimeoutError(TunnelError):
     """The peer did not answer a keepalive check in time and is taken for dead."""
+
+
+class MetadataError(TunnelError, ValueError):
+    """Metadata that cannot travel in a tunnel, or that arrived ill-formed or too big.
+
+    A ``ValueError`` too, as grpclib's own refusals of metadata are, so code
+    that catches those catches this.
+    """

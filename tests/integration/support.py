@@ -26,6 +26,7 @@ from grpclib.metadata import _MetadataLike
 
 import tunnel
 from tests.conftest import _listening_socket
+from tunnel._pb.tunnel_pb2 import ClientToServer, ServerToClient
 from tunnel.testing._pb.grpchantesting import Message, TestServiceStub
 
 #: Upper bound of one integration test's body; each test picks its own,
@@ -97,6 +98,46 @@ async def tunnel_over(
         tunnel.open_tunnel(channel, options=opts, metadata=metadata) as tunneled,
     ):
         yield tunneled
+
+
+# -- a tunnel server that breaks the protocol -----------------------------------------
+
+OPEN_TUNNEL = "/grpctunnel.v1.TunnelService/OpenTunnel"
+
+
+class FakeTunnelServer:
+    """Answers OpenTunnel with the negotiate header, then only *frames*, then waits.
+
+    With *after_request*, it then reads the client's first frame (the first
+    call's ``new_stream``) and sends those frames too.
+    """
+
+    def __init__(self, *frames: ServerToClient, after_request: Sequence[ServerToClient] = ()):
+        self._frames = frames
+        self._after_request = after_request
+        self.ended = asyncio.Event()
+
+    async def open_tunnel(
+        self, stream: grpclib.server.Stream[ClientToServer, ServerToClient]
+    ) -> None:
+        try:
+            await stream.send_initial_metadata(metadata={"grpctunnel-negotiate": "on"})
+            for frame in self._frames:
+                await stream.send_message(frame)
+            if self._after_request:
+                await stream.recv_message()
+                for frame in self._after_request:
+                    await stream.send_message(frame)
+            await asyncio.Event().wait()
+        finally:
+            self.ended.set()
+
+    def __mapping__(self) -> dict[str, Handler]:
+        return {
+            OPEN_TUNNEL: Handler(
+                self.open_tunnel, Cardinality.STREAM_STREAM, ClientToServer, ServerToClient
+            )
+        }
 
 
 # -- the probe service --------------------------------------------------------------

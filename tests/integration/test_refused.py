@@ -6,16 +6,21 @@ import asyncio
 
 import grpclib.server
 import pytest
-from grpclib.const import Cardinality, Handler, Status
+from grpclib.const import Status
 from grpclib.events import RecvRequest, listen
 from grpclib.exceptions import GRPCError
 
 import tunnel
-from tests.integration.support import TEST_TIMEOUT, connected, options, serving, tunnel_over
+from tests.integration.support import (
+    TEST_TIMEOUT,
+    FakeTunnelServer,
+    connected,
+    options,
+    serving,
+    tunnel_over,
+)
 from tunnel._pb.tunnel_pb2 import ClientToServer, Metadata, ServerToClient, Settings
 from tunnel.testing import TestService
-
-OPEN_TUNNEL = "/grpctunnel.v1.TunnelService/OpenTunnel"
 
 
 async def test_handler_without_services_refuses_with_unimplemented() -> None:
@@ -43,32 +48,6 @@ async def test_listener_refusal_reaches_open_tunnel() -> None:
                 Status.UNAUTHENTICATED,
                 "no token",
             )
-
-
-class FakeTunnelServer:
-    """Answers OpenTunnel with the negotiate header, then only *frames*, then waits."""
-
-    def __init__(self, *frames: ServerToClient) -> None:
-        self._frames = frames
-        self.ended = asyncio.Event()
-
-    async def open_tunnel(
-        self, stream: grpclib.server.Stream[ClientToServer, ServerToClient]
-    ) -> None:
-        try:
-            await stream.send_initial_metadata(metadata={"grpctunnel-negotiate": "on"})
-            for frame in self._frames:
-                await stream.send_message(frame)
-            await asyncio.Event().wait()
-        finally:
-            self.ended.set()
-
-    def __mapping__(self) -> dict[str, Handler]:
-        return {
-            OPEN_TUNNEL: Handler(
-                self.open_tunnel, Cardinality.STREAM_STREAM, ClientToServer, ServerToClient
-            )
-        }
 
 
 async def test_no_settings_fails_within_negotiation_timeout() -> None:

@@ -19,6 +19,7 @@ import re
 from collections.abc import Iterable
 
 from .._pb.tunnel_pb2 import Metadata
+from ..errors import MetadataError
 
 __all__ = [
     "MetadataError",
@@ -32,10 +33,6 @@ MetadataPairs = tuple[tuple[str, "str | bytes"], ...]
 
 _RESERVED_KEYS = frozenset({"content-type", "user-agent", "te", "host"})
 _VALID_KEY = re.compile(r"^[0-9a-z_.\-]+$")
-
-
-class MetadataError(ValueError):
-    """Metadata that cannot travel, or that arrived ill-formed or too big."""
 
 
 def is_reserved(key: str) -> bool:
