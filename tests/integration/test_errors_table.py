@@ -4,7 +4,11 @@ Where grpclib has a convention, the tunneled case is compared with the same
 thing done over a plain grpclib channel (the control group): the caller must
 see the same exception class.  The row "the opening takes longer than
 ``negotiation_timeout``: ``TimeoutError``" is tested with the bound itself
-(issue 8, point 3).
+(issue 8, point 3); the row "the peer breaks negotiation: ``NegotiationError``"
+by ``test_refused.py`` (every way a first frame can be wrong).  Only the
+tunnel client waits for the peer's ``Settings``: for a reverse tunnel that
+is the network server, and a device whose tunnel it cannot negotiate gets
+the server's refusal.
 """
 
 from __future__ import annotations
@@ -118,41 +122,37 @@ async def a_blocked_call(setup: Blocked) -> asyncio.Task[BaseException | None]:
 
 
 @pytest.mark.parametrize(
-    "kind",
+    ("kind", "how"),
     [
-        "forward",
+        ("forward", "connection-lost"),
         pytest.param(
             "reverse",
+            "connection-lost",
             marks=pytest.mark.xfail(
                 strict=True,
                 reason="issue 8 point 2: a reverse tunnel's calls get CANCELLED and its error "
                 "stays None when its connection is lost (the lead's change fixes it)",
             ),
         ),
+        ("forward", "callers-close"),
+        ("reverse", "callers-close"),
     ],
 )
-async def test_a_tunnel_that_went_away_is_unavailable(kind: str) -> None:
+async def test_a_tunnel_that_ends_fails_its_calls(kind: str, how: str) -> None:
+    """Gone: UNAVAILABLE and ``error`` says why; the caller's own ``close()``: CANCELLED."""
+    lost = how == "connection-lost"
     async with asyncio.timeout(TEST_TIMEOUT), blocked(kind) as setup:
         call = await a_blocked_call(setup)
-        setup.proxy.cut()
+        if lost:
+            setup.proxy.cut()
+        else:
+            setup.tunnel_channel.close()
         async with asyncio.timeout(PROMPTLY):
             outcome = await call
             await setup.tunnel_channel.wait_closed()
         assert isinstance(outcome, GRPCError), repr(outcome)
-        assert outcome.status is Status.UNAVAILABLE
-        assert setup.tunnel_channel.error is not None
-
-
-@pytest.mark.parametrize("kind", ["forward", "reverse"])
-async def test_the_callers_own_close_is_cancelled(kind: str) -> None:
-    async with asyncio.timeout(TEST_TIMEOUT), blocked(kind) as setup:
-        call = await a_blocked_call(setup)
-        setup.tunnel_channel.close()
-        async with asyncio.timeout(PROMPTLY):
-            outcome = await call
-        assert isinstance(outcome, GRPCError), repr(outcome)
-        assert outcome.status is Status.CANCELLED
-        assert setup.tunnel_channel.error is None
+        assert outcome.status is (Status.UNAVAILABLE if lost else Status.CANCELLED)
+        assert (setup.tunnel_channel.error is not None) is lost
 
 
 # -- a local deadline: asyncio.TimeoutError ------------------------------------------
@@ -295,20 +295,6 @@ async def test_no_connection_is_grpclibs_os_error_unchanged(kind: str) -> None:
         finally:
             channel.close()
     assert type(failed.value) is ConnectionRefusedError
-
-
-async def test_a_peer_that_breaks_negotiation_is_a_negotiation_error() -> None:
-    # Only the tunnel client waits for the peer's Settings: open_tunnel here;
-    # for a reverse tunnel the network server is the tunnel client, and a
-    # device whose tunnel it cannot negotiate gets the server's refusal.
-    fake = FakeTunnelServer(ServerToClient(stream_id=1, response_headers=Metadata()))
-    async with (
-        asyncio.timeout(TEST_TIMEOUT),
-        serving([fake]) as served,
-        connected(served.port) as channel,
-    ):
-        with pytest.raises(tunnel.NegotiationError):
-            await tunnel.open_tunnel(channel)
 
 
 # -- a peer that breaks the protocol: RemoteProtocolError, calls UNAVAILABLE -----------
