@@ -44,15 +44,19 @@ An open tunnel ends under its calls:         on the tunnel's ``error`` attribute
   reused)
 - the peer stops answering keepalive         ``KeepaliveTimeoutError``
   checks
-- the connection is lost                     grpclib's error for it
+- the connection is lost                     the error that ended the carrying call
+                                             (for now: grpclib's
+                                             ``StreamTerminatedError`` on a forward
+                                             tunnel, ``TunnelClosedError`` on a reverse
+                                             one)
 ``ReverseTunnelServer.serve()`` whose        the carrying call's ``GRPCError``:
 tunnel failed after it opened                UNAVAILABLE naming the cause, INTERNAL
                                              "tunnel protocol error: ..." for a peer
                                              that broke the protocol
 ==========================================  ==============================================
 
-``tests/integration/test_errors_table.py`` checks each row against a real
-grpclib server.
+``tests/integration/test_errors_table.py`` checks the rows against real
+grpclib servers on loopback (its docstring says where the others are).
 
 Who is at fault, and how far it reaches (the split follows h11's
 local/remote errors); these matter inside the library, where the sans-IO

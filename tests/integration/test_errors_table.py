@@ -2,14 +2,14 @@
 
 Where grpclib has a convention, the tunneled case is compared with the same
 thing done over a plain grpclib channel (the control group): the caller must
-see the same exception class.  The row "the opening takes longer than
-``negotiation_timeout``: ``TimeoutError``" is tested with the bound itself
-(issue 8, point 3); the row "the peer breaks negotiation: ``NegotiationError``"
-by ``test_refused.py`` (every way a first frame can be wrong).  Only the
-tunnel client waits for the peer's ``Settings``: for a reverse tunnel that
-is the network server, and a device whose tunnel it cannot negotiate gets
-the server's refusal.
-"""
+see the same exception class.  Three rows are tested where their mechanism
+is: "the peer breaks negotiation" in ``test_refused.py`` (every way a first
+frame can be wrong), "the opening takes longer than ``negotiation_timeout``"
+in ``tests/field/test_opening.py`` and "the peer stops answering keepalive
+checks" in ``tests/field/test_keepalive.py``.  Only the tunnel client waits
+for the peer's ``Settings``: for a reverse tunnel that is the network
+server, and a device whose tunnel it cannot negotiate gets the server's
+refusal."""
 
 from __future__ import annotations
 
@@ -20,8 +20,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpclib.client
+import grpclib.server
 import pytest
-from grpclib.const import Cardinality, Status
+from google.protobuf.empty_pb2 import Empty
+from grpclib.const import Cardinality, Handler, Status
 from grpclib.events import RecvRequest, listen
 from grpclib.exceptions import GRPCError, ProtocolError
 
@@ -125,15 +127,7 @@ async def a_blocked_call(setup: Blocked) -> asyncio.Task[BaseException | None]:
     ("kind", "how"),
     [
         ("forward", "connection-lost"),
-        pytest.param(
-            "reverse",
-            "connection-lost",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="issue 8 point 2: a reverse tunnel's calls get CANCELLED and its error "
-                "stays None when its connection is lost (the lead's change fixes it)",
-            ),
-        ),
+        ("reverse", "connection-lost"),
         ("forward", "callers-close"),
         ("reverse", "callers-close"),
     ],
@@ -349,3 +343,60 @@ async def test_a_peer_that_breaks_the_protocol_ends_the_tunnel(kind: str) -> Non
         assert isinstance(channel.error, tunnel.RemoteProtocolError)
         assert not isinstance(channel.error, tunnel.NegotiationError)
         assert str(channel.error) in (failed.value.message or "")
+
+
+class BreaksReverseTunnels:
+    """A network server that accepts a reverse tunnel and then breaks its protocol."""
+
+    async def open_reverse_tunnel(
+        self, stream: grpclib.server.Stream[ServerToClient, ClientToServer]
+    ) -> None:
+        await stream.send_initial_metadata(metadata={"grpctunnel-negotiate": "on"})
+        await stream.recv_message()  # the device's Settings
+        await stream.send_message(ClientToServer(stream_id=5, half_close=Empty()))
+        while await stream.recv_message() is not None:
+            pass
+
+    def __mapping__(self) -> dict[str, Handler]:
+        return {
+            "/grpctunnel.v1.TunnelService/OpenReverseTunnel": Handler(
+                self.open_reverse_tunnel,
+                Cardinality.STREAM_STREAM,
+                ServerToClient,
+                ClientToServer,
+            )
+        }
+
+
+@pytest.mark.parametrize("how", ["protocol-error", "connection-lost"])
+async def test_a_reverse_tunnel_failing_after_it_opened_ends_serve_with_a_status(
+    how: str,
+) -> None:
+    handler = tunnel.TunnelServiceHandler()
+    network_server = BreaksReverseTunnels() if how == "protocol-error" else handler
+    async with (
+        asyncio.timeout(TEST_TIMEOUT),
+        serving([network_server]) as served,
+        Proxy(served.port) as proxy,
+        connected(proxy.port) as channel,
+    ):
+        device = tunnel.ReverseTunnelServer(channel, [Service()])
+        serving_ = asyncio.create_task(device.serve())
+        try:
+            if how == "connection-lost":
+                async with asyncio.timeout(PROMPTLY):
+                    await handler.as_channel().wait_ready()
+                proxy.cut()
+            async with asyncio.timeout(PROMPTLY):
+                with pytest.raises(GRPCError) as failed:
+                    await serving_
+        finally:
+            device.close()
+            await asyncio.gather(serving_, return_exceptions=True)
+    if how == "protocol-error":
+        assert failed.value.status is Status.INTERNAL
+        assert "tunnel protocol error: " in (failed.value.message or "")
+        assert "never opened" in (failed.value.message or "")
+    else:
+        assert failed.value.status is Status.UNAVAILABLE
+        assert "connection lost" in (failed.value.message or "").lower(), failed.value
