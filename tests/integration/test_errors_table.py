@@ -9,7 +9,8 @@ in ``tests/field/test_opening.py`` and "the peer stops answering keepalive
 checks" in ``tests/field/test_keepalive.py``.  Only the tunnel client waits
 for the peer's ``Settings``: for a reverse tunnel that is the network
 server, and a device whose tunnel it cannot negotiate gets the server's
-refusal."""
+refusal.
+"""
 
 from __future__ import annotations
 
