@@ -53,7 +53,7 @@ from ._core.connection import Connection
 from ._core.events import Event
 from ._driver import Driver
 from ._tasks import cancel_and_wait
-from .errors import KeepaliveTimeoutError, RemoteProtocolError, TunnelClosedError
+from .errors import KeepaliveTimeoutError, RemoteProtocolError, TunnelClosedError, TunnelError
 from .options import TunnelOptions
 
 __all__ = ["Carrier", "Ending", "Phase", "Tunnel", "as_status", "closed_message", "describe"]
@@ -148,6 +148,17 @@ def as_status(error: BaseException) -> GRPCError:
     if isinstance(error, RemoteProtocolError):
         return GRPCError(Status.INTERNAL, f"tunnel protocol error: {error}")
     return GRPCError(Status.UNAVAILABLE, closed_message(describe(error)))
+
+
+def _as_tunnel_error(exc: BaseException) -> BaseException:
+    """What ``error`` says for *exc*: the connection's own failures become
+    ``TunnelClosedError`` (caused by them), whichever role and carrier saw
+    them; a status or a ``TunnelError`` stays what it is."""
+    if isinstance(exc, GRPCError | TunnelError):
+        return exc
+    closed = TunnelClosedError(describe(exc))
+    closed.__cause__ = exc
+    return closed
 
 
 def closed_message(cause: str) -> str:
@@ -319,7 +330,8 @@ class Tunnel(Generic[InFrame, OutFrame]):
             exc = task.exception()
             if exc is not None:
                 log.debug("%s ended: %s", self._role, describe(exc), exc_info=exc)
-                return Ending(Status.UNAVAILABLE, closed_message(describe(exc)), exc, False)
+                error = _as_tunnel_error(exc)
+                return Ending(Status.UNAVAILABLE, closed_message(describe(exc)), error, False)
             if task is reader:
                 return None
         # The writer and the keepalive run until cancelled or failed.

@@ -44,11 +44,11 @@ An open tunnel ends under its calls:         on the tunnel's ``error`` attribute
   reused)
 - the peer stops answering keepalive         ``KeepaliveTimeoutError``
   checks
-- the connection is lost                     the error that ended the carrying call
-                                             (for now: grpclib's
-                                             ``StreamTerminatedError`` on a forward
-                                             tunnel, ``TunnelClosedError`` on a reverse
-                                             one)
+- the connection is lost, or the carrying    ``TunnelClosedError`` naming the cause (its
+  call fails under the tunnel                ``__cause__`` is what grpclib or the OS
+                                             raised), in either role
+- the peer ends the carrying call with a     that ``GRPCError``
+  status (a network server shutting down)
 ``ReverseTunnelServer.serve()`` whose        the carrying call's ``GRPCError``:
 tunnel failed after it opened                UNAVAILABLE naming the cause, INTERNAL
                                              "tunnel protocol error: ..." for a peer

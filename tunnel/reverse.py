@@ -453,9 +453,11 @@ class ReverseTunnelServer:
             if on_open is not None:
                 await on_open()
             await tunnel.serve()
-        except StreamTerminatedError:
-            raise  # the network server's status may be in the trailers
         except Exception as exc:
+            if isinstance(exc.__cause__, StreamTerminatedError):
+                # The call was reset; the network server's status may be in
+                # its trailers, where leaving ``async with`` looks for it.
+                raise exc.__cause__ from None
             raise as_status(exc) from None
         finally:
             self._tunnels.discard(tunnel)

@@ -53,10 +53,11 @@ async def test_server_writer_failure_ends_the_tunnel() -> None:
         async with asyncio.timeout(BOUND):
             await sender.started.wait(1)
             await sender.cancelled.wait(1)
-            with pytest.raises(Broken):
+            with pytest.raises(tunnel.TunnelClosedError) as exc_info:
                 await pair.serving
+        assert isinstance(exc_info.value.__cause__, Broken)
         assert pair.server.closed
-        assert isinstance(pair.server.error, Broken)
+        assert pair.server.error is exc_info.value
         pair.client.close()
         async with asyncio.timeout(BOUND):
             await call
@@ -71,8 +72,9 @@ async def test_server_reader_failure_ends_the_tunnel() -> None:
         pair.server_carrier.fail_recv.set()
         async with asyncio.timeout(BOUND):
             await blocking.cancelled.wait(1)
-            with pytest.raises(Broken):
+            with pytest.raises(tunnel.TunnelClosedError) as exc_info:
                 await pair.serving
+        assert isinstance(exc_info.value.__cause__, Broken)
         pair.client.close()
         async with asyncio.timeout(BOUND):
             await call
@@ -102,7 +104,8 @@ async def test_client_failure_fails_every_call(part: str) -> None:
             assert "send failed" in (outcome.message or "") or "recv failed" in (
                 outcome.message or ""
             )
-        assert isinstance(pair.client.error, Broken)
+        assert isinstance(pair.client.error, tunnel.TunnelClosedError)
+        assert isinstance(pair.client.error.__cause__, Broken)
         # A new call fails at once.
         async with asyncio.timeout(BOUND):
             retry = await call_until_it_ends(pair.channel, "Unary")

@@ -103,39 +103,44 @@ async def test_forward_call_ends_when_the_server_is_killed() -> None:
 
 async def test_reverse_call_ends_when_the_device_is_killed() -> None:
     handler = tunnel.TunnelServiceHandler(affinity_key=key_from_metadata)
-    async with asyncio.timeout(TEST_TIMEOUT), router(handler) as net:
-        async with peer("device", "--port", str(net.port), "--key", "kitchen") as device:
-            assert await device.line() == "connected"
-            pool = handler.key_as_channel("kitchen")
+    async with (
+        asyncio.timeout(TEST_TIMEOUT),
+        router(handler) as net,
+        peer("device", "--port", str(net.port), "--key", "kitchen") as device,
+    ):
+        assert await device.line() == "connected"
+        pool = handler.key_as_channel("kitchen")
+        async with asyncio.timeout(NOTICE):
+            await pool.wait_ready()
+        assert await who(pool) == "kitchen"
+        call = await reached(pool)
+        blocked = asyncio.create_task(anext(call))
+        killed = time.monotonic()
+        device.kill()
+        with pytest.raises(GRPCError) as exc_info:
             async with asyncio.timeout(NOTICE):
-                await pool.wait_ready()
-            assert await who(pool) == "kitchen"
-            call = await reached(pool)
-            blocked = asyncio.create_task(anext(call))
-            killed = time.monotonic()
-            device.kill()
-            with pytest.raises(GRPCError) as exc_info:
-                async with asyncio.timeout(NOTICE):
-                    await blocked
-            assert time.monotonic() - killed < NOTICE
-            assert exc_info.value.status is Status.UNAVAILABLE
-            assert "connection lost" in (exc_info.value.message or "")
-            async with asyncio.timeout(NOTICE):
-                while pool.is_ready():
-                    await asyncio.sleep(0.01)
+                await blocked
+        assert time.monotonic() - killed < NOTICE
+        assert exc_info.value.status is Status.UNAVAILABLE
+        assert "connection lost" in (exc_info.value.message or "")
+        async with asyncio.timeout(NOTICE):
+            while pool.is_ready():
+                await asyncio.sleep(0.01)
 
 
 async def test_device_comes_back_after_the_server_restarts() -> None:
     async with asyncio.timeout(TEST_TIMEOUT):
-        async with network_server() as (server, port):
-            async with peer("device", "--port", str(port), "--key", "kitchen") as device:
+        async with (
+            network_server() as (server, port),
+            peer("device", "--port", str(port), "--key", "kitchen") as device,
+        ):
+            assert await device.line() == "connected"
+            server.kill()
+            async with network_server(port) as (_again, same_port):
+                assert same_port == port
+                restarted = time.monotonic()
                 assert await device.line() == "connected"
-                server.kill()
-                async with network_server(port) as (_again, same_port):
-                    assert same_port == port
-                    restarted = time.monotonic()
-                    assert await device.line() == "connected"
-                    assert time.monotonic() - restarted < NOTICE
+                assert time.monotonic() - restarted < NOTICE
 
 
 async def test_reconnecting_channel_comes_back_after_the_server_restarts() -> None:
