@@ -23,7 +23,6 @@ so the application is told: ``tunnels_opened`` counts them and
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import logging
 from collections.abc import Callable, Collection
@@ -286,8 +285,7 @@ class ReconnectingTunnelChannel(grpclib.client.Channel):
     async def wait_closed(self) -> None:
         """Wait until the tunnel and every task of this channel are over."""
         if self._keeper is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await cancel_and_wait([self._keeper])
+            await cancel_and_wait([self._keeper])
         if self._current is not None:
             await self._current.wait_closed()
 

@@ -294,9 +294,8 @@ class Tunnel(Generic[InFrame, OutFrame]):
                 await self._wind_down(ending, reader)
         except asyncio.CancelledError:
             interrupted = True
-        except Exception as exc:
-            if self.error is None and self._ending is not ending:
-                self.error = exc
+        except Exception:
+            # The end is under way whatever happens here; say why, quietly.
             log.debug("%s: error while ending", self._role, exc_info=True)
         finally:
             try:
