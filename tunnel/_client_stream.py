@@ -200,6 +200,10 @@ class TunnelClientStream(
                 # policy says; the deadline (this wrapper) bounds the wait.
                 self._tunnel = await self._acquire()
                 self.peer = self._tunnel.carrier.peer
+            if self._tunnel.full():
+                # The tunnel server's announced limit: wait for room rather
+                # than be refused (the deadline bounds the wait).
+                await self._tunnel.wait_for_room()
             timeout = None if self._deadline is None else self._deadline.time_remaining()
             try:
                 self._stream_id = self._tunnel.open_stream(

@@ -54,6 +54,7 @@ class ClientTunnel(Tunnel[ServerToClient, ClientToServer]):
         options: TunnelOptions,
         *,
         peer_negotiates: bool,
+        peer_max_streams: int | None = None,
     ) -> None:
         self.core = TunnelClientProtocol(
             peer_negotiates=peer_negotiates, **options.protocol_settings()
@@ -64,6 +65,10 @@ class ClientTunnel(Tunnel[ServerToClient, ClientToServer]):
         #: with UNAVAILABLE while running ones finish.
         self.draining = False
         self._probes: dict[int, asyncio.Future[None]] = {}
+        #: The most streams the tunnel server said it serves at once; calls
+        #: beyond it wait for room (``wait_for_room``) instead of being refused.
+        self.peer_max_streams = peer_max_streams
+        self._room = asyncio.Event()
         self._negotiated = asyncio.Event()
         if self.core.ready:
             self._negotiated.set()
@@ -146,12 +151,24 @@ class ClientTunnel(Tunnel[ServerToClient, ClientToServer]):
             return self._ending.message
         return "tunnel closed"
 
+    def full(self) -> bool:
+        """True if a new stream would exceed the server's announced limit."""
+        limit = self.peer_max_streams
+        return limit is not None and self.core.active_streams >= limit
+
+    async def wait_for_room(self) -> None:
+        """Wait until a new stream fits under the server's limit, or the tunnel ends."""
+        while self.full() and self.phase is Phase.OPEN:
+            self._room.clear()
+            await self._room.wait()
+
     def forget(self, stream_id: int) -> None:
         """A call is over: cancel its stream if it is still open."""
         self.calls.pop(stream_id, None)
         if self.core.is_open(stream_id):
             self.core.cancel(stream_id)
             self.driver.wake()
+            self._room.set()
         self.driver.release_waiters(stream_id)
 
     def acknowledge(self, stream_id: int, n: int) -> None:
@@ -183,6 +200,7 @@ class ClientTunnel(Tunnel[ServerToClient, ClientToServer]):
                     self._probe_answered(event.stream_id)
             elif isinstance(event, StreamEnded):
                 self.driver.release_waiters(event.stream_id)
+                self._room.set()
                 call = calls.get(event.stream_id)
                 if call is not None:
                     call._on_end(event.status, event.trailers, abrupt=event.reset)
@@ -253,6 +271,7 @@ class ClientTunnel(Tunnel[ServerToClient, ClientToServer]):
         for answered in self._probes.values():
             if not answered.done():
                 answered.cancel()
+        self._room.set()
         self.driver.release_waiters()
         self.driver.wake()
 

@@ -34,6 +34,14 @@ MAX_BATCH = 64
 #: Bytes of message data a stream may have queued before its sender waits:
 #: one flow-control window, so small messages never wait for the writer.
 SEND_BUFFER = 65_536
+#: The reader stops reading while more than this many frames that no sender
+#: holds back (``Connection.backlog``) wait to leave, and goes on once they
+#: are down to ``BACKLOG_LOW``: a peer that sends and never reads (a flood
+#: of streams to refuse, say) is slowed down to the pace at which it reads,
+#: through the carrying call's own flow control, instead of making us queue
+#: answers without end.
+BACKLOG_HIGH = 1024
+BACKLOG_LOW = 256
 
 InFrame = TypeVar("InFrame", bound=Message)
 OutFrame = TypeVar("OutFrame", bound=Message)
@@ -60,6 +68,9 @@ class Driver(Generic[InFrame, OutFrame]):
         self._flush_waiters: dict[int, asyncio.Future[None]] = {}
         self._writer_idle = asyncio.Event()
         self._writer_idle.set()
+        #: Set by the writer once the backlog is low again, for a reader
+        #: that stopped reading (see ``BACKLOG_HIGH``).
+        self._backlog_low: asyncio.Event | None = None
         #: Event-loop time at which the last frame arrived (keepalive).
         self.last_received = asyncio.get_running_loop().time()
 
@@ -124,6 +135,10 @@ class Driver(Generic[InFrame, OutFrame]):
                         break
                     batch.append(more)
                 await send_batch(batch)
+            backlog_low = self._backlog_low
+            if backlog_low is not None and core.backlog() <= BACKLOG_LOW:
+                self._backlog_low = None
+                backlog_low.set()
             if waiters:
                 for sent in batch:
                     sid: int = sent.stream_id  # type: ignore[attr-defined]
@@ -160,3 +175,6 @@ class Driver(Generic[InFrame, OutFrame]):
                 on_events(events)
             if core.has_frames():
                 self._wakeup.set()
+                if core.backlog() > BACKLOG_HIGH:
+                    backlog_low = self._backlog_low = asyncio.Event()
+                    await backlog_low.wait()

@@ -102,6 +102,7 @@ class ServerTunnel(Tunnel[ClientToServer, ServerToClient]):
         self.core = TunnelServerProtocol(
             {name: handler.cardinality for name, handler in mapping.items()},
             peer_negotiates=peer_negotiates,
+            max_concurrent_streams=options.max_concurrent_streams,
             **options.protocol_settings(),
         )
         super().__init__(self.core, self.core.receive_frame, carrier, options)

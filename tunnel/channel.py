@@ -39,6 +39,18 @@ _RecvType = TypeVar("_RecvType")
 
 OPEN_TUNNEL = "/grpctunnel.v1.TunnelService/OpenTunnel"
 NEGOTIATE_HEADER = "grpctunnel-negotiate"
+#: Sent by the tunnel server's end of the carrying call (response headers of
+#: OpenTunnel, request headers of OpenReverseTunnel): how many streams it
+#: serves at once.  Peers that do not know it ignore it.
+MAX_STREAMS_HEADER = "grpclib-tunnel-max-streams"
+
+
+def announced_max_streams(headers: Any) -> int | None:
+    """The stream limit a tunnel server announced in *headers*, if any."""
+    value = headers.get(MAX_STREAMS_HEADER) if headers is not None else None
+    if isinstance(value, str) and value.isdigit() and int(value) > 0:
+        return int(value)
+    return None
 
 
 class TunnelChannel(grpclib.client.Channel):
@@ -242,7 +254,10 @@ class _OpenTunnel:
         assert stream.initial_metadata is not None
         peer_negotiates = stream.initial_metadata.get(NEGOTIATE_HEADER) == "on"
         tunnel = ClientTunnel(
-            _ForwardCarrier(stream), self._options, peer_negotiates=peer_negotiates
+            _ForwardCarrier(stream),
+            self._options,
+            peer_negotiates=peer_negotiates,
+            peer_max_streams=announced_max_streams(stream.initial_metadata),
         )
         # On failure or cancellation, start() has ended the tunnel, and the
         # carrying call with it.

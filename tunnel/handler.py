@@ -28,7 +28,7 @@ from ._seam import http2_pinger
 from ._server_tunnel import ServerTunnel, TunnelInfo
 from ._tunnel import as_status
 from ._typing import Servable
-from .channel import NEGOTIATE_HEADER, OPEN_TUNNEL, TunnelChannel
+from .channel import MAX_STREAMS_HEADER, NEGOTIATE_HEADER, OPEN_TUNNEL, TunnelChannel
 from .options import TunnelOptions
 from .reverse import (
     ALL,
@@ -128,7 +128,12 @@ class TunnelServiceHandler:
         peer_negotiates = stream.metadata is not None and (
             stream.metadata.get(NEGOTIATE_HEADER) == "on"
         )
-        response_md: MultiDict[Any] = MultiDict({NEGOTIATE_HEADER: "on"})
+        response_md: MultiDict[Any] = MultiDict(
+            {
+                NEGOTIATE_HEADER: "on",
+                MAX_STREAMS_HEADER: str(self._options.max_concurrent_streams),
+            }
+        )
         # Headers go out at once, before any frame: the reference does so,
         # and listeners may put credentials in them.
         await stream.send_initial_metadata(metadata=response_md)

@@ -41,6 +41,14 @@ class TunnelOptions:
     #: announces; a larger window lets bulk transfers keep more data in
     #: flight, at the cost of that much more buffering per stream.
     initial_window_size: int = 65_536
+    #: The most streams a peer may have open at once in one tunnel this end
+    #: serves (the HTTP/2 default of most servers, grpclib's included).  A
+    #: stream beyond it is refused at once, before any handler runs, with
+    #: RESOURCE_EXHAUSTED; room frees as streams end.  This end announces it
+    #: in the carrying call's headers, and a tunnel client of this library
+    #: that learns a peer's limit keeps its calls within it: a call beyond
+    #: it waits for room (bounded by its deadline) instead of being refused.
+    max_concurrent_streams: int = 100
     #: Seconds that opening a tunnel may take, from the first byte to a
     #: tunnel ready for calls: making the connection (when the carrying
     #: channel has none yet), the carrying call's response headers and, for
@@ -71,6 +79,8 @@ class TunnelOptions:
             raise ValueError("max_metadata_size must be positive")
         if not 0 < self.initial_window_size <= 2**31 - 1:
             raise ValueError("initial_window_size must be between 1 and 2**31 - 1")
+        if self.max_concurrent_streams < 1:
+            raise ValueError("max_concurrent_streams must be at least 1")
         if not self.negotiation_timeout > 0:
             raise ValueError("negotiation_timeout must be positive")
         if not self.close_timeout > 0:

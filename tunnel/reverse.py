@@ -44,7 +44,7 @@ from ._server_tunnel import ServerTunnel, TunnelInfo
 from ._tasks import call_back
 from ._tunnel import as_status
 from ._typing import Servable
-from .channel import NEGOTIATE_HEADER, TunnelChannel
+from .channel import MAX_STREAMS_HEADER, NEGOTIATE_HEADER, TunnelChannel, announced_max_streams
 from .errors import OpenTimeoutError, RemoteProtocolError, TunnelClosedError
 from .options import TunnelOptions
 
@@ -237,6 +237,7 @@ async def serve_reverse_tunnel(
         StreamCarrier[ClientToServer, ServerToClient](stream),
         options,
         peer_negotiates=peer_negotiates,
+        peer_max_streams=announced_max_streams(metadata),
     )
     try:
         await tunnel.start(options.negotiation_timeout)
@@ -384,6 +385,7 @@ class ReverseTunnelServer:
             raise GRPCError(Status.UNAVAILABLE, "reverse tunnel server is closed")
         request_md: MultiDict[Any] = MultiDict(metadata)
         request_md[NEGOTIATE_HEADER] = "on"
+        request_md[MAX_STREAMS_HEADER] = str(self._options.max_concurrent_streams)
         stream = self._channel.request(
             OPEN_REVERSE_TUNNEL,
             Cardinality.STREAM_STREAM,

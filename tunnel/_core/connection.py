@@ -35,6 +35,11 @@ __all__ = ["KEEPALIVE_METHOD", "Connection", "StreamState"]
 #: tunnel server refuses it before any handler or fallback could see it.
 KEEPALIVE_METHOD = "/grpclib_tunnel.v1.Keepalive/Probe"
 
+#: Window updates are sent one per chunk consumed, as the reference does,
+#: until this many control frames wait to leave; beyond it (the peer is not
+#: reading) each stream's queued update grows instead of a new one queuing.
+COALESCE_AT = 64
+
 OutFrame = TypeVar("OutFrame", bound=_ProtoMessage)
 
 
@@ -103,9 +108,16 @@ class Connection(Generic[OutFrame]):
         self.initial_window_size = initial_window_size
         self._streams: dict[int, StreamState] = {}
         self._control: deque[OutFrame] = deque()
+        #: The window_update frame of each stream still waiting in
+        #: ``_control``, for coalescing under a backlog (``acknowledge``).
+        self._queued_updates: dict[int, OutFrame] = {}
         self._ring: deque[StreamState] = deque()
         #: The highest stream id created so far (ids only ever grow).
         self._last_id = 0
+        #: Streams created and not finished (a concurrency limit counts these).
+        self.active_streams = 0
+        #: Finished streams whose last frames are still queued.
+        self._finishing = 0
 
     # -- frame constructors supplied by each side ------------------------
 
@@ -123,7 +135,12 @@ class Connection(Generic[OutFrame]):
     def next_frame(self) -> OutFrame | None:
         """The next frame to write on the carrying stream, or None."""
         if self._control:
-            return self._control.popleft()
+            control = self._control.popleft()
+            if self._queued_updates:
+                sid: int = control.stream_id  # type: ignore[attr-defined]
+                if self._queued_updates.get(sid) is control:
+                    del self._queued_updates[sid]
+            return control
         ring = self._ring
         while ring:
             st = ring.popleft()
@@ -144,6 +161,17 @@ class Connection(Generic[OutFrame]):
                     self._forget(st)
             return frame
         return None
+
+    def backlog(self) -> int:
+        """Frames waiting to leave that no sender is holding back.
+
+        Control frames (refusals, window updates) and the last frames of
+        finished streams are queued by the peer's own actions, not by an
+        application that waits for its sends: when the peer stops reading,
+        they are what would pile up.  The driver stops reading while this
+        is high, so a peer cannot make us hold more than a bounded amount.
+        """
+        return len(self._control) + self._finishing
 
     def has_frames(self) -> bool:
         """True if ``next_frame`` may return a frame.
@@ -216,6 +244,9 @@ class Connection(Generic[OutFrame]):
 
     def _finish(self, st: StreamState, *, drop_pending: bool) -> None:
         """Mark a stream over; it leaves the table once its queue is sent."""
+        if not st.finished:
+            self.active_streams -= 1
+            self._finishing += 1
         st.finished = True
         st.sending = False
         st.receiving = False
@@ -228,6 +259,8 @@ class Connection(Generic[OutFrame]):
     def _forget(self, st: StreamState) -> None:
         if self._streams.get(st.id) is st:
             del self._streams[st.id]
+            if st.finished:
+                self._finishing -= 1
 
     def _add_stream(
         self,
@@ -248,6 +281,7 @@ class Connection(Generic[OutFrame]):
             ),
         )
         self._streams[stream_id] = st
+        self.active_streams += 1
         return st
 
     def is_open(self, stream_id: int) -> bool:
@@ -277,7 +311,15 @@ class Connection(Generic[OutFrame]):
         if st.inbound.window is None:
             return
         st.inbound.grant(n)
-        self._control.append(self._window_update(stream_id, n))
+        queued = self._queued_updates.get(stream_id)
+        if queued is not None and len(self._control) > COALESCE_AT:
+            # The peer is not reading: one update per stream, of the sum,
+            # instead of one per chunk (the peer accepts any split).
+            queued.window_update = min(queued.window_update + n, MAX_WINDOW)  # type: ignore[attr-defined]
+            return
+        frame = self._window_update(stream_id, n)
+        self._queued_updates[stream_id] = frame
+        self._control.append(frame)
 
     def _window_update_received(self, stream_id: int, n: int) -> list[Event]:
         """The peer consumed ``n`` bytes we sent on a stream.

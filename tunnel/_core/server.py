@@ -72,6 +72,7 @@ class TunnelServerProtocol(Connection[ServerToClient]):
         max_receive_message_length: int = 4 * 1024 * 1024,
         max_metadata_size: int = 64 * 1024,
         initial_window_size: int = INITIAL_WINDOW_SIZE,
+        max_concurrent_streams: int | None = None,
     ) -> None:
         super().__init__(
             max_receive_message_length=max_receive_message_length,
@@ -79,6 +80,8 @@ class TunnelServerProtocol(Connection[ServerToClient]):
             initial_window_size=initial_window_size,
         )
         self._methods = methods
+        #: Streams beyond this many at once are refused (None: no limit).
+        self.max_concurrent_streams = max_concurrent_streams
         self._supported = (
             (REVISION_ZERO,) if disable_flow_control else (REVISION_ZERO, REVISION_ONE)
         )
@@ -219,6 +222,12 @@ class TunnelServerProtocol(Connection[ServerToClient]):
                 )
             if cardinality is None:
                 raise StreamFault(Status.UNIMPLEMENTED, f"{method[1:]} not implemented")
+            limit = self.max_concurrent_streams
+            if limit is not None and self.active_streams >= limit:
+                raise StreamFault(
+                    Status.RESOURCE_EXHAUSTED,
+                    f"too many concurrent streams on this tunnel (the limit is {limit})",
+                )
             metadata, timeout = self._request_headers(new_stream.request_headers)
         except StreamFault as fault:
             refusal = ServerToClient(stream_id=stream_id)
