@@ -179,7 +179,82 @@ def test_invalid_metadata_key_arriving_fails_the_stream() -> None:
     server = negotiated_server()
     assert server.receive_frame(new_stream(1, headers={"X-Upper": ["v"]})) == []
     (frame,) = drain_server(server)
-    assert frame.close_stream.status.code == Status.INVALID_ARGUMENT.value
+    assert frame.close_stream.status.code == Status.INTERNAL.value
+    assert "'X-Upper'" in frame.close_stream.status.message
+
+
+# -- what no HTTP/2 peer could send -------------------------------------------------
+
+BAD_KEYS = ["x-user\n", "x user", "x-ü", "", "x-a\r\nx-b", "x-null\x00"]
+BAD_VALUES = ["a\r\nx-injected: 1", "a\x00", "tab\there", "\x7f", "caf\u00e9", "line\n"]
+GOOD_VALUES = ["", " ", "printable ~!#$%&'()*+,-./:;<=>?@[\\]^_`{|}"]
+
+
+@pytest.mark.parametrize("key", BAD_KEYS)
+def test_request_header_key_no_http2_peer_could_send_fails_its_stream(key: str) -> None:
+    pair = Pair()
+    stream_id = pair.client.open_stream(UNARY, (), METHODS[UNARY])
+    frame = drain_client(pair.client)[0]
+    frame.new_stream.request_headers.md[key].val.append("v")
+    assert pair.server.receive_frame(frame) == []  # no StreamOpened: no handler runs
+    pair.pump()
+    event = ended(pair.client_events)
+    assert event.status is not None and event.status.code == Status.INTERNAL.value
+    assert repr(key) in event.status.message
+    assert pair.open(UNARY) == stream_id + 1  # the tunnel lives on
+    opened(pair.server_events)
+
+
+@pytest.mark.parametrize("value", BAD_VALUES)
+def test_request_header_value_no_http2_peer_could_send_fails_its_stream(value: str) -> None:
+    server = negotiated_server()
+    headers = {"x-ok": ["fine"], "x-bad": [value]}
+    assert server.receive_frame(new_stream(1, headers=headers)) == []
+    (frame,) = drain_server(server)
+    assert frame.close_stream.status.code == Status.INTERNAL.value
+    assert "'x-bad'" in frame.close_stream.status.message
+    assert value not in frame.close_stream.status.message
+    assert opened(server.receive_frame(new_stream(2))).stream_id == 2
+
+
+@pytest.mark.parametrize("value", GOOD_VALUES)
+def test_printable_ascii_and_empty_values_reach_the_handler(value: str) -> None:
+    server = negotiated_server()
+    event = opened(server.receive_frame(new_stream(1, headers={"x-v": [value]})))
+    assert event.metadata == (("x-v", value),)
+
+
+def test_binary_values_are_not_held_to_printable_ascii() -> None:
+    server = negotiated_server()
+    raw = "\r\n\x00\u00e9"
+    event = opened(server.receive_frame(new_stream(1, headers={"x-raw-bin": [raw]})))
+    assert event.metadata == (("x-raw-bin", raw.encode()),)
+
+
+@pytest.mark.parametrize(("key", "value"), [("x-bad\n", "v"), ("x-ok", "a\r\nb: c")])
+def test_response_headers_no_http2_peer_could_send_fail_the_call(key: str, value: str) -> None:
+    client = negotiated_client()
+    client.open_stream(BIDI, (), METHODS[BIDI])
+    drain_client(client)
+    event = ended(client.receive_frame(response_headers(1, {key: [value]})))
+    assert event.reset
+    assert event.status is not None and event.status.code == Status.INTERNAL.value
+    assert repr(key) in event.status.message
+    assert client.open_stream(UNARY, (), METHODS[UNARY]) == 2
+
+
+@pytest.mark.parametrize(("key", "value"), [("x-bad\n", "v"), ("x-ok", "a\x00")])
+def test_trailers_no_http2_peer_could_send_fail_the_call(key: str, value: str) -> None:
+    client = negotiated_client()
+    client.open_stream(UNARY, (), METHODS[UNARY])
+    drain_client(client)
+    client.receive_frame(response_headers(1))
+    frame = close(1)
+    frame.close_stream.response_trailers.md[key].val.append(value)
+    event = ended(client.receive_frame(frame))
+    assert event.status is not None and event.status.code == Status.INTERNAL.value
+    assert repr(key) in event.status.message
+    assert event.trailers == ()
 
 
 # -- grpc-timeout ------------------------------------------------------------------

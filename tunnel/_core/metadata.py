@@ -11,6 +11,17 @@ them (the reference fails its whole tunnel instead).
 Only the application's own metadata travels: gRPC's reserved headers are
 never copied into frames (``grpc-timeout`` is added by the protocol objects
 themselves, on purpose).
+
+What arrives must be metadata an HTTP/2 peer could have sent, because it
+reaches handlers (and, when calls are proxied, a real HTTP/2 connection):
+keys of lower-case letters, digits and ``-_.``; values of keys not ending
+in ``-bin`` of printable ASCII (0x20 to 0x7E), since a frame's string could
+otherwise carry a line break and smuggle a header of its own.  An empty
+value is accepted: gRPC's spec grammar and grpclib's ``encode_metadata``
+refuse to *send* one, but HTTP/2 allows it, grpc-go sends it, and a grpclib
+handler receives it over a plain connection too.  Anything else is
+``InvalidMetadata`` (naming the key), and fails the one stream that
+carried it.
 """
 
 from __future__ import annotations
@@ -22,6 +33,7 @@ from .._pb.tunnel_pb2 import Metadata
 from ..errors import MetadataError
 
 __all__ = [
+    "InvalidMetadata",
     "MetadataError",
     "MetadataPairs",
     "decode_metadata",
@@ -32,7 +44,15 @@ __all__ = [
 MetadataPairs = tuple[tuple[str, "str | bytes"], ...]
 
 _RESERVED_KEYS = frozenset({"content-type", "user-agent", "te", "host"})
-_VALID_KEY = re.compile(r"^[0-9a-z_.\-]+$")
+_VALID_KEY = re.compile(r"[0-9a-z_.\-]+")
+
+
+class InvalidMetadata(MetadataError):
+    """Metadata that arrived with a key or a value no HTTP/2 peer could send."""
+
+    def __init__(self, message: str, key: str) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 def is_reserved(key: str) -> bool:
@@ -78,20 +98,28 @@ def decode_metadata(frame: Metadata, *, limit: int) -> MetadataPairs:
     """Read the application's metadata out of a ``Metadata`` frame.
 
     Reserved headers are dropped; ``-bin`` values become ``bytes``.  Raises
-    ``MetadataError`` for a key that is not valid gRPC metadata or for
-    metadata larger than ``limit`` bytes.
+    ``InvalidMetadata`` for a key or value that is not valid gRPC metadata
+    (see the module docstring) and ``MetadataError`` for metadata larger
+    than ``limit`` bytes.
     """
     pairs: list[tuple[str, str | bytes]] = []
     size = 0
     for key, values in frame.md.items():
         if is_reserved(key):
             continue
-        if not _VALID_KEY.match(key):
-            raise MetadataError(f"invalid metadata key {key!r}")
+        if not _VALID_KEY.fullmatch(key):
+            raise InvalidMetadata(f"invalid metadata key {key!r}", key)
         binary = key.endswith("-bin")
         for text in values.val:
             size += len(key) + len(text)
             if size > limit:
                 raise MetadataError(f"metadata exceeds the limit of {limit} bytes")
-            pairs.append((key, text.encode("utf-8") if binary else text))
+            if binary:
+                pairs.append((key, text.encode("utf-8")))
+            elif text.isascii() and text.isprintable():
+                pairs.append((key, text))
+            else:
+                raise InvalidMetadata(
+                    f"invalid value of metadata key {key!r}: not printable ASCII", key
+                )
     return tuple(pairs)

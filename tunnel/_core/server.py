@@ -38,7 +38,7 @@ from ..errors import LocalProtocolError, RemoteProtocolError
 from .connection import KEEPALIVE_METHOD, Connection, StreamState
 from .events import DataReceived, Event, HalfClosed, StreamOpened, StreamReset
 from .flow import INITIAL_WINDOW_SIZE, OutboundMessage, StreamFault
-from .metadata import MetadataError, decode_metadata, encode_metadata
+from .metadata import InvalidMetadata, MetadataError, decode_metadata, encode_metadata
 
 __all__ = ["TunnelServerProtocol", "parse_method_name"]
 
@@ -248,6 +248,9 @@ class TunnelServerProtocol(Connection[ServerToClient]):
     ) -> tuple[tuple[tuple[str, str | bytes], ...], float | None]:
         try:
             metadata = decode_metadata(headers, limit=self.max_metadata_size)
+        except InvalidMetadata as exc:
+            # What no HTTP/2 peer could send is a protocol error, as in gRPC.
+            raise StreamFault(Status.INTERNAL, f"bad request headers: {exc}") from None
         except MetadataError as exc:
             raise StreamFault(Status.INVALID_ARGUMENT, f"bad request headers: {exc}") from None
         timeout: float | None = None
