@@ -284,8 +284,10 @@ class ServerTunnel(Tunnel[ClientToServer, ServerToClient]):
         else:
             wrapper = DeadlineWrapper()
             deadline_ctx = wrapper.start(stream.deadline)
+        started = False
         try:
             with deadline_ctx, wrapper:
+                started = True
                 stream.metadata, method_func = await self._dispatch.recv_request(
                     stream.metadata,
                     handler.func,
@@ -297,7 +299,10 @@ class ServerTunnel(Tunnel[ClientToServer, ServerToClient]):
                 )
                 await method_func(stream)
         except TimeoutError:
-            if wrapper.cancelled:
+            # A deadline already past when the call arrived: grpclib's
+            # DeadlineWrapper.start raises TimeoutError on entry without
+            # marking the wrapper cancelled, and the handler never runs.
+            if wrapper.cancelled or not started:
                 raise GRPCError(Status.DEADLINE_EXCEEDED) from None
             raise
         if stream.closed:
