@@ -20,6 +20,7 @@ def parameters(func: object) -> list[tuple[str, str, object]]:
 
 def test_exports() -> None:
     assert sorted(tunnel.__all__) == [
+        "FrameTooLarge",
         "KeepaliveTimeoutError",
         "LocalProtocolError",
         "MetadataError",
@@ -168,6 +169,7 @@ def test_options_defaults_and_validation() -> None:
     # A silent peer is noticed within a minute by default.
     assert options.keepalive_interval is not None
     assert options.keepalive_interval + options.keepalive_timeout <= 60
+    assert options.max_frame_size == 4 * 1024 * 1024  # gRPC's default receive limit
     assert dataclasses.is_dataclass(options)
     with_defaults = {f.name for f in dataclasses.fields(options)}
     assert {"disable_flow_control", "max_receive_message_length"} <= with_defaults
@@ -180,8 +182,13 @@ def test_options_defaults_and_validation() -> None:
         {"initial_window_size": 2**31},
         {"keepalive_interval": 0},
         {"keepalive_timeout": 0},
+        # At least the metadata limit plus a chunk plus the frame's own fields.
+        {"max_frame_size": 64 * 1024 + 16_384 + 1023},
+        {"max_metadata_size": 8 * 1024 * 1024},
     ):
         with pytest.raises(ValueError):
             tunnel.TunnelOptions(**bad)  # type: ignore[arg-type]
+    floor = tunnel.TunnelOptions(max_frame_size=64 * 1024 + 16_384 + 1024)
+    assert floor.max_frame_size == 82_944
     with pytest.raises(dataclasses.FrozenInstanceError):
         options.disable_flow_control = True  # type: ignore[misc]

@@ -17,6 +17,7 @@ from ._reconnecting import ReconnectingTunnelChannel
 from ._server_tunnel import TunnelInfo, current_tunnel
 from .channel import TunnelChannel, open_tunnel
 from .errors import (
+    FrameTooLarge,
     KeepaliveTimeoutError,
     LocalProtocolError,
     MetadataError,
@@ -35,6 +36,7 @@ from .reverse import ReverseChannel, ReverseTunnelServer
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "FrameTooLarge",
     "KeepaliveTimeoutError",
     "LocalProtocolError",
     "MetadataError",

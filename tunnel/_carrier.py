@@ -6,6 +6,35 @@ final status.  ``StreamCarrier`` provides the first two over any grpclib
 stream, client or server side, plain or tunneled; the forward and reverse
 modules add the rest where it applies.
 
+Every frame is bounded before it is buffered:
+
+The tunnel's frames are small (a chunk of at most 16 KiB of message data,
+or metadata within ``max_metadata_size``), but the carrying call is a
+gRPC call like any other, and grpclib's ``recv_message`` reads whatever
+length a message's 5-byte prefix announces, then parses it: one hostile
+frame of 200 MiB would cost 200 MiB (twice, while it is parsed).  So when
+the carrying call is a genuine grpclib stream, frames are read here off its
+HTTP/2 stream: the prefix first, then the body only if the announced length
+is within ``max_frame_size``.  A longer frame ends the tunnel with
+``FrameTooLarge`` (RESOURCE_EXHAUSTED) without a byte of its body read; the
+bytes already received stay unacknowledged in grpclib's buffer, so the peer
+can never have more than the HTTP/2 stream window in flight.
+
+What grpclib's ``recv_message`` does and this keeps: the compressed-flag
+byte is honoured (no compression is ever negotiated on the carrying call,
+so a set flag is a protocol error, where grpclib raises
+``NotImplementedError``), data is acknowledged to the HTTP/2 peer as it is
+read, and a read on the client side runs inside the call's wrapper so a
+lost connection ends it.  What it does not: grpclib's ``RecvMessage`` event
+does not fire for the carrying call's frames, and its message counters do
+not count them.  A frame that does not parse (bad protobuf, invalid UTF-8
+in a string field) is a ``RemoteProtocolError`` like any other violation.
+
+A tunnel nested in another tunnel has no HTTP/2 stream to read from: its
+carrying call is itself tunneled, and the outer tunnel has reassembled each
+frame, bounded by the outer tunnel's ``max_receive_message_length``, before
+this end sees it.  There the frame bound is applied after reassembly.
+
 Writing several tunnel frames in one go:
 
 A tunneled unary call takes at least six frames.  Sent one by one through
@@ -16,12 +45,11 @@ the frames the core has ready are instead framed as gRPC messages (the
 5-byte length prefix of the gRPC wire format) and handed to the HTTP/2
 stream as one block of data; the receiver cannot tell the difference, since
 a DATA frame may hold any number of whole or partial gRPC messages.
+grpclib's ``SendMessage`` events do not fire for batched frames of the
+carrying call.  Where there is no HTTP/2 stream (nested tunnels), frames
+are sent one by one with the public API.
 
-This reaches into grpclib's private ``Stream._stream`` (the HTTP/2 stream
-and its ``send_data``), present in every grpclib release this package
-accepts (``<0.5``).  Where it is missing, as when a tunnel runs inside
-another tunnel, frames are sent one by one with the public API.  grpclib's
-``SendMessage`` events do not fire for batched frames of the carrying call.
+Every touch of grpclib's internals used here is in ``_seam``.
 """
 
 from __future__ import annotations
@@ -29,10 +57,13 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Generic, TypeVar
 
-from google.protobuf.message import Message
+import grpclib.protocol
+from google.protobuf.message import DecodeError, Message
 from grpclib.protocol import Peer
 
-from ._seam import abort_connection, connection_is_lost
+from . import _seam
+from ._core.framing import PREFIX_SIZE, decode_frame, frame_length, frame_prefix
+from .errors import FrameTooLarge, RemoteProtocolError
 
 __all__ = ["BatchSender", "StreamCarrier", "batch_sender"]
 
@@ -41,18 +72,17 @@ BatchSender = Callable[[Sequence[Message]], Awaitable[None]]
 
 def batch_sender(grpclib_stream: Any) -> BatchSender | None:
     """A function writing many frames at once on this stream, if possible."""
-    h2_stream = getattr(grpclib_stream, "_stream", None)
-    send_data = getattr(h2_stream, "send_data", None)
-    if send_data is None or not callable(send_data):
+    h2 = _seam.http2_stream(grpclib_stream)
+    if h2 is None:
         return None
 
     async def send_batch(frames: Sequence[Message]) -> None:
         parts: list[bytes] = []
         for frame in frames:
             data = frame.SerializeToString()
-            parts.append(b"\x00" + len(data).to_bytes(4, "big"))
+            parts.append(frame_prefix(len(data)))
             parts.append(data)
-        await send_data(b"".join(parts))
+        await _seam.send_data(h2, b"".join(parts))
 
     return send_batch
 
@@ -64,25 +94,63 @@ RecvFrame = TypeVar("RecvFrame", bound=Message)
 class StreamCarrier(Generic[SendFrame, RecvFrame]):
     """Frames over a grpclib stream (client or server side) that is open.
 
-    A client stream must have sent its request, so that ``peer`` and the
-    HTTP/2 stream behind it exist.  This base serves a call from the side
-    that cannot half-close it (a network server, which ends a call by
-    returning from its handler): ``end``, ``finish`` and ``aclose`` do
-    nothing; the forward and reverse modules add them where they apply.
+    ``recv_type`` is the class of the frames the peer sends;
+    ``max_frame_size`` bounds each of them (see the module docstring).  A
+    client stream must have sent its request and received the response
+    headers, so that ``peer`` and the HTTP/2 stream behind it exist.  This
+    base serves a call from the side that cannot half-close it (a network
+    server, which ends a call by returning from its handler): ``end``,
+    ``finish`` and ``aclose`` do nothing; the forward and reverse modules
+    add them where they apply.
     """
 
     can_half_close = False
 
-    def __init__(self, stream: Any) -> None:
+    def __init__(self, stream: Any, recv_type: type[RecvFrame], *, max_frame_size: int) -> None:
         self._stream = stream
+        self._recv_type = recv_type
+        self.max_frame_size = max_frame_size
         self.peer: Peer | None = getattr(stream, "peer", None)
+        self._h2 = _seam.http2_stream(stream)
+        self._wrapper = _seam.call_wrapper(stream)
         self.send_batch = batch_sender(stream)
 
     async def send(self, frame: SendFrame) -> None:
         await self._stream.send_message(frame)
 
     async def recv(self) -> RecvFrame | None:
-        frame: RecvFrame | None = await self._stream.recv_message()
+        """The next frame, or None once the peer ended its side.
+
+        Raises ``RemoteProtocolError`` (``FrameTooLarge`` for a frame over
+        the bound) if the frame cannot be taken: that ends the tunnel.
+        """
+        if self._h2 is None:
+            return await self._recv_reassembled()
+        with self._wrapper:
+            data = await self._read(self._h2)
+        return None if data is None else decode_frame(self._recv_type, data)
+
+    async def _read(self, h2: grpclib.protocol.Stream) -> bytes | None:
+        try:
+            prefix = await _seam.recv_data(h2, PREFIX_SIZE)
+            if not prefix:
+                return None
+            length = frame_length(prefix, self.max_frame_size)
+            data = await _seam.recv_data(h2, length)
+        except _seam.DataTruncated:
+            data, length = b"", -1
+        if len(data) != length:
+            raise RemoteProtocolError("the carrying call ended in the middle of a frame")
+        return data
+
+    async def _recv_reassembled(self) -> RecvFrame | None:
+        # A tunneled carrying call: the outer tunnel bounded the reassembly.
+        try:
+            frame: RecvFrame | None = await self._stream.recv_message()
+        except DecodeError as exc:
+            raise RemoteProtocolError(f"undecodable frame ({exc})") from None
+        if frame is not None and (size := frame.ByteSize()) > self.max_frame_size:
+            raise FrameTooLarge(size, self.max_frame_size)
         return frame
 
     async def end(self) -> None:
@@ -95,7 +163,7 @@ class StreamCarrier(Generic[SendFrame, RecvFrame]):
         pass
 
     def abort_connection(self) -> None:
-        abort_connection(self._stream)
+        _seam.abort_connection(self._stream)
 
     def connection_lost(self) -> bool:
-        return connection_is_lost(self._stream)
+        return _seam.connection_is_lost(self._stream)

@@ -17,16 +17,36 @@ The touches, one line each (keep this list in step with the code):
 * ``protocol.Connection._connection`` (the ``h2`` connection), its
   ``ping()``, ``Connection.flush()``, and ``Connection.ping_ack_process``
   (called by grpclib for every PING ACK): an HTTP/2 PING and its answer.
+* ``protocol.Stream.send_data`` (``send_data``): write many tunnel frames in
+  one block of DATA.
+* ``protocol.Stream.recv_data`` (``recv_data``), that is
+  ``protocol.Buffer.read``: read the 5-byte gRPC prefix of a message before
+  deciding to read its body; data is acknowledged as it is read.
+* ``client.Stream._wrapper`` (``call_wrapper``): so that a read outside
+  grpclib's own methods still wakes up when the connection is lost.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-__all__ = ["abort_connection", "connection_is_lost", "http2_pinger"]
+import grpclib.client
+import grpclib.protocol
+
+__all__ = [
+    "DataTruncated",
+    "abort_connection",
+    "call_wrapper",
+    "connection_is_lost",
+    "http2_pinger",
+    "http2_stream",
+    "recv_data",
+    "send_data",
+]
 
 
 def _connection(call: Any) -> Any:
@@ -105,3 +125,79 @@ def http2_pinger(call: Any) -> Callable[[], Awaitable[None]] | None:
                 waiters.remove(waiter)
 
     return ping
+
+
+# -- reading and writing the carrying call's DATA ------------------------------
+
+
+class DataTruncated(Exception):
+    """The HTTP/2 stream ended after some, but not all, of the bytes asked for."""
+
+
+def http2_stream(stream: object) -> grpclib.protocol.Stream | None:
+    """The HTTP/2 stream under a grpclib client or server stream, or None.
+
+    Relies on grpclib's ``client.Stream`` and ``server.Stream`` keeping it in
+    ``_stream`` (client: set by ``send_request``; server: from the start).
+    None for anything else, notably a stream that is itself tunneled (a
+    tunnel nested in a tunnel), which has no HTTP/2 stream of its own.
+    """
+    h2 = getattr(stream, "_stream", None)
+    return h2 if isinstance(h2, grpclib.protocol.Stream) else None
+
+
+async def send_data(h2: grpclib.protocol.Stream, data: bytes) -> None:
+    """Write ``data`` on the HTTP/2 stream, waiting for its flow-control window.
+
+    grpclib's public ``send_message`` takes one message at a time, and each
+    becomes its own DATA frame and socket write; tunnel frames are small
+    and many, and writing a batch of them as one block is several times
+    cheaper (see ``_carrier``).  ``protocol.Stream.send_data`` splits the
+    block into DATA frames under the stream's window and the peer's frame
+    size, exactly as grpclib's ``send_message`` does with one message.
+    """
+    await h2.send_data(data)
+
+
+async def recv_data(h2: grpclib.protocol.Stream, size: int) -> bytes:
+    """Exactly ``size`` bytes of the stream's DATA, in order.
+
+    Returns ``b""`` if the peer ended the stream before the first of them;
+    raises ``DataTruncated`` if it ended after some but not all.
+
+    grpclib's public ``recv_message`` reads the 5-byte gRPC prefix and then
+    however many bytes it announces, whatever that is: the only way to
+    refuse a message before it is buffered is to read the prefix ourselves.
+    ``protocol.Stream.recv_data`` is what ``recv_message`` uses underneath
+    (``grpclib.stream.recv_message``).  It relies on ``protocol.Buffer.read``:
+    DATA frames wait in the buffer *unacknowledged*, and a frame is
+    acknowledged to the peer (HTTP/2 WINDOW_UPDATE) only when a read takes
+    it, so data nobody reads stays within the stream's HTTP/2 window.  At
+    the end of the stream the buffer returns ``b""`` when nothing was left,
+    and raises ``AssertionError('Received less data than expected')`` when
+    part of the requested bytes arrived (also on an empty DATA frame, which
+    it takes for the end): that is turned into ``DataTruncated`` here.
+    """
+    try:
+        return await h2.recv_data(size)
+    except AssertionError:
+        raise DataTruncated(f"the stream ended within {size} bytes of data") from None
+
+
+def call_wrapper(stream: object) -> contextlib.AbstractContextManager[Any]:
+    """The context a read of a client stream's data must run in.
+
+    grpclib wakes a client call's waiting tasks on a lost connection or a
+    reset stream only if they wait inside the call's ``Wrapper``
+    (``client.Stream._wrapper``, entered by every public method of the
+    stream): ``protocol.Stream.__terminated__`` cancels exactly those tasks,
+    and the wrapper turns the cancellation into ``StreamTerminatedError``.
+    The buffer itself never wakes up then.  A read through ``recv_data``
+    from a client stream must therefore run inside this wrapper.  A server
+    stream needs none: grpclib cancels the task that handles the call,
+    which owns every task reading for it.
+    """
+    if isinstance(stream, grpclib.client.Stream):
+        wrapper: contextlib.AbstractContextManager[Any] = stream._wrapper
+        return wrapper
+    return contextlib.nullcontext()

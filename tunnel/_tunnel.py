@@ -139,14 +139,15 @@ def describe(exc: BaseException) -> str:
 def as_status(error: BaseException) -> GRPCError:
     """The status that ends a carrying call because of *error*.
 
-    A peer that broke the protocol gets INTERNAL "tunnel protocol error:
-    ..."; a status stays itself; anything else (a lost connection, a peer
+    A peer that broke the protocol gets "tunnel protocol error: ..." with
+    the error's status (INTERNAL; RESOURCE_EXHAUSTED for a frame over the
+    bound); a status stays itself; anything else (a lost connection, a peer
     that stopped answering) is UNAVAILABLE naming the cause.
     """
     if isinstance(error, GRPCError):
         return error
     if isinstance(error, RemoteProtocolError):
-        return GRPCError(Status.INTERNAL, f"tunnel protocol error: {error}")
+        return error.grpc_error()
     return GRPCError(Status.UNAVAILABLE, closed_message(describe(error)))
 
 

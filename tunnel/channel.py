@@ -178,8 +178,13 @@ class _ForwardCarrier(StreamCarrier[ClientToServer, ServerToClient]):
 
     can_half_close = True
 
-    def __init__(self, stream: grpclib.client.Stream[ClientToServer, ServerToClient]) -> None:
-        super().__init__(stream)
+    def __init__(
+        self,
+        stream: grpclib.client.Stream[ClientToServer, ServerToClient],
+        *,
+        max_frame_size: int,
+    ) -> None:
+        super().__init__(stream, ServerToClient, max_frame_size=max_frame_size)
         self._ended = False
         self._finished = False
 
@@ -254,7 +259,7 @@ class _OpenTunnel:
         assert stream.initial_metadata is not None
         peer_negotiates = stream.initial_metadata.get(NEGOTIATE_HEADER) == "on"
         tunnel = ClientTunnel(
-            _ForwardCarrier(stream),
+            _ForwardCarrier(stream, max_frame_size=self._options.max_frame_size),
             self._options,
             peer_negotiates=peer_negotiates,
             peer_max_streams=announced_max_streams(stream.initial_metadata),

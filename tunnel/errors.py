@@ -42,6 +42,8 @@ An open tunnel ends under its calls:         on the tunnel's ``error`` attribute
   enough that the tunnel must end (a frame
   for a stream never opened, a stream id
   reused)
+- the peer sends a frame larger than         ``FrameTooLarge``, a ``RemoteProtocolError``
+  ``TunnelOptions.max_frame_size``           (refused from its 5-byte prefix, unread)
 - the peer stops answering keepalive         ``KeepaliveTimeoutError``
   checks
 - the connection is lost, or the carrying    ``TunnelClosedError`` naming the cause (its
@@ -53,6 +55,8 @@ An open tunnel ends under its calls:         on the tunnel's ``error`` attribute
 tunnel failed after it opened                UNAVAILABLE naming the cause, INTERNAL
                                              "tunnel protocol error: ..." for a peer
                                              that broke the protocol
+                                             (RESOURCE_EXHAUSTED for a frame over
+                                             ``max_frame_size``)
 ==========================================  ==============================================
 
 ``tests/integration/test_errors_table.py`` checks the rows against real
@@ -76,7 +80,11 @@ core raises them and the asyncio layer turns them into the rows above:
 
 from __future__ import annotations
 
+import grpclib.exceptions
+from grpclib.const import Status
+
 __all__ = [
+    "FrameTooLarge",
     "KeepaliveTimeoutError",
     "LocalProtocolError",
     "MetadataError",
@@ -98,6 +106,29 @@ class LocalProtocolError(TunnelError):
 
 class RemoteProtocolError(TunnelError):
     """The peer broke the protocol badly enough that the tunnel must end."""
+
+    #: The status the carrying call ends with, on the end that serves it.
+    status: Status = Status.INTERNAL
+
+    def grpc_error(self) -> grpclib.exceptions.GRPCError:
+        """The ``GRPCError`` that ends the carrying call for this violation."""
+        return grpclib.exceptions.GRPCError(self.status, f"tunnel protocol error: {self}")
+
+
+class FrameTooLarge(RemoteProtocolError):
+    """A frame of the carrying call is larger than ``TunnelOptions.max_frame_size``.
+
+    The frame is refused before its body is read, and the tunnel ends with
+    RESOURCE_EXHAUSTED, as a gRPC receiver ends a call whose message is over
+    its limit.
+    """
+
+    status = Status.RESOURCE_EXHAUSTED
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"frame larger than max ({size} vs. {limit} bytes)")
+        self.size = size
+        self.limit = limit
 
 
 class NegotiationError(RemoteProtocolError):

@@ -26,8 +26,8 @@ from ._pb.tunnel_pb2 import ClientToServer, ServerToClient
 from ._retry import check_callback
 from ._seam import http2_pinger
 from ._server_tunnel import ServerTunnel, TunnelInfo
-from ._tunnel import as_status
 from ._typing import Servable
+from ._violations import end_carrying_call
 from .channel import MAX_STREAMS_HEADER, NEGOTIATE_HEADER, OPEN_TUNNEL, TunnelChannel
 from .options import TunnelOptions
 from .reverse import (
@@ -138,7 +138,9 @@ class TunnelServiceHandler:
         # and listeners may put credentials in them.
         await stream.send_initial_metadata(metadata=response_md)
         tunnel = ServerTunnel(
-            StreamCarrier[ServerToClient, ClientToServer](stream),
+            StreamCarrier[ServerToClient, ClientToServer](
+                stream, ClientToServer, max_frame_size=self._options.max_frame_size
+            ),
             self._mapping,
             info=TunnelInfo(
                 metadata=MultiDict(stream.metadata or ()),
@@ -169,7 +171,7 @@ class TunnelServiceHandler:
             await _end_carrying_call(stream, self._options.close_timeout)
             raise
         except Exception as exc:
-            raise as_status(exc) from None
+            raise end_carrying_call(exc, kind="forward", peer=stream.peer) from None
         finally:
             self._tunnels.discard(tunnel)
 

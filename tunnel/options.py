@@ -5,7 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TypedDict
 
-__all__ = ["ProtocolSettings", "TunnelOptions"]
+from ._core.flow import MAX_CHUNK
+
+__all__ = ["FRAME_OVERHEAD", "ProtocolSettings", "TunnelOptions"]
+
+#: Room for the parts of a frame around its data or metadata (stream id,
+#: field tags and lengths), in the floor of ``max_frame_size``.
+FRAME_OVERHEAD = 1024
 
 
 class ProtocolSettings(TypedDict):
@@ -32,8 +38,8 @@ class TunnelOptions:
     #: is buffered.
     max_receive_message_length: int = 4 * 1024 * 1024
     #: The largest metadata (keys plus values, in characters) one frame may
-    #: carry, sent or received.  Larger metadata fails its call, never the
-    #: tunnel; the reference's whole tunnel dies on a frame over 4 MiB.
+    #: carry, sent or received.  Larger metadata fails its call, not the
+    #: tunnel, as long as its frame is within ``max_frame_size``.
     max_metadata_size: int = 64 * 1024
     #: The flow-control window (bytes) this end grants the peer on each
     #: stream under revision one: announced in ``Settings`` (tunnel server)
@@ -71,12 +77,29 @@ class TunnelOptions:
     #: attempt dials anew.  A silent peer is noticed within
     #: ``keepalive_interval + keepalive_timeout`` seconds.
     keepalive_timeout: float = 20.0
+    #: The largest tunnel frame (one message of the carrying call, in bytes)
+    #: this end reads.  Frames hold at most a 16 KiB chunk of data, or
+    #: metadata within ``max_metadata_size``, so honest peers stay far below
+    #: it.  A larger frame is refused from its 5-byte gRPC prefix, before any
+    #: of it is buffered, and ends the whole tunnel with RESOURCE_EXHAUSTED
+    #: (``FrameTooLarge``), as a gRPC receiver ends a call whose message is
+    #: over its limit.  4 MiB is gRPC's default receive limit, which the
+    #: reference's carrying call enforces too.  At least
+    #: ``max_metadata_size + 16384 + FRAME_OVERHEAD``.
+    max_frame_size: int = 4 * 1024 * 1024
 
     def __post_init__(self) -> None:
         if self.max_receive_message_length <= 0:
             raise ValueError("max_receive_message_length must be positive")
         if self.max_metadata_size <= 0:
             raise ValueError("max_metadata_size must be positive")
+        floor = self.max_metadata_size + MAX_CHUNK + FRAME_OVERHEAD
+        if self.max_frame_size < floor:
+            raise ValueError(
+                f"max_frame_size must be at least max_metadata_size + {MAX_CHUNK} + "
+                f"{FRAME_OVERHEAD} ({floor}): room for a full chunk of data or for "
+                "metadata at its limit"
+            )
         if not 0 < self.initial_window_size <= 2**31 - 1:
             raise ValueError("initial_window_size must be between 1 and 2**31 - 1")
         if self.max_concurrent_streams < 1:

@@ -44,6 +44,7 @@ from ._server_tunnel import ServerTunnel, TunnelInfo
 from ._tasks import call_back
 from ._tunnel import as_status
 from ._typing import Servable
+from ._violations import end_carrying_call
 from .channel import MAX_STREAMS_HEADER, NEGOTIATE_HEADER, TunnelChannel, announced_max_streams
 from .errors import OpenTimeoutError, RemoteProtocolError, TunnelClosedError
 from .options import TunnelOptions
@@ -234,7 +235,9 @@ async def serve_reverse_tunnel(
     peer_negotiates = metadata.get(NEGOTIATE_HEADER) == "on"
     await stream.send_initial_metadata(metadata={NEGOTIATE_HEADER: "on"})
     tunnel = ClientTunnel(
-        StreamCarrier[ClientToServer, ServerToClient](stream),
+        StreamCarrier[ClientToServer, ServerToClient](
+            stream, ServerToClient, max_frame_size=options.max_frame_size
+        ),
         options,
         peer_negotiates=peer_negotiates,
         peer_max_streams=announced_max_streams(metadata),
@@ -242,7 +245,7 @@ async def serve_reverse_tunnel(
     try:
         await tunnel.start(options.negotiation_timeout)
     except Exception as exc:
-        raise as_status(exc) from None
+        raise end_carrying_call(exc, kind="reverse", peer=stream.peer) from None
     channel = TunnelChannel(tunnel, metadata=metadata)
     if draining():
         tunnel.draining = True
@@ -287,7 +290,7 @@ async def serve_reverse_tunnel(
         if on_close is not None:
             await call_back(on_close, channel, what="on_reverse_tunnel_close")
     if isinstance(tunnel.error, RemoteProtocolError):
-        raise as_status(tunnel.error)
+        raise end_carrying_call(tunnel.error, kind="reverse", peer=stream.peer)
 
 
 async def _affinity_key(affinity_key: AffinityKey, channel: TunnelChannel) -> Hashable:
@@ -432,7 +435,9 @@ class ReverseTunnelServer:
         self.response_metadata = response_md
         channel = self._channel
         tunnel = ServerTunnel(
-            StreamCarrier[ServerToClient, ClientToServer](stream),
+            StreamCarrier[ServerToClient, ClientToServer](
+                stream, ClientToServer, max_frame_size=self._options.max_frame_size
+            ),
             self._mapping,
             info=TunnelInfo(
                 metadata=metadata,

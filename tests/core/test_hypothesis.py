@@ -13,6 +13,13 @@ every step:
   a client sends nothing for a stream before its ``new_stream``;
 * every stream gets at most one ending.
 
+Every frame crosses the carrying call as the carrier takes it: bounded by
+its gRPC prefix (``max_frame_size``), then parsed.  Some frames are over
+the bound (big chunks, huge metadata) and some are not frames at all
+(random bytes): a frame over the bound, and only such a frame, ends the
+tunnel with ``FrameTooLarge`` before the core sees it; metadata over
+``max_metadata_size`` in a frame within the bound never ends the tunnel.
+
 At the end the application closes everything and the peer opens every
 window: then each stream the server ever saw has had exactly one
 ``close_stream`` (refused ones included), and both stream tables are empty.
@@ -21,16 +28,20 @@ window: then each stream the server ever saw has had exactly one
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any
+from typing import Any, TypeVar
 
 from google.protobuf.empty_pb2 import Empty
+from google.protobuf.message import Message
 from grpclib.const import Status
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from tunnel._core.events import DataReceived, StreamEnded, StreamOpened, StreamReset
+from tunnel._core.flow import MAX_CHUNK
+from tunnel._core.framing import decode_frame, frame_length, frame_prefix
 from tunnel._pb.tunnel_pb2 import ClientToServer, MessageData, ServerToClient
-from tunnel.errors import RemoteProtocolError
+from tunnel.errors import FrameTooLarge, RemoteProtocolError
+from tunnel.options import FRAME_OVERHEAD
 
 from .helpers import (
     METHODS,
@@ -53,9 +64,34 @@ SETTINGS = settings(
 
 ANY_ID = st.integers(min_value=-3, max_value=12)
 SIZES = st.one_of(st.integers(0, 40_000), st.just(2**32 - 1))
-DATA = st.one_of(st.binary(max_size=32), st.integers(0, 20_000).map(lambda n: b"d" * n))
+DATA = st.one_of(st.binary(max_size=32), st.integers(0, 18_000).map(lambda n: b"d" * n))
 WINDOWS = st.one_of(st.integers(0, 70_000), st.just(2**32 - 1))
+F = TypeVar("F", bound=Message)
+
+#: Now and then a frame is not one at all, or is one over the bound.
+RARE = st.sampled_from(["frame"] * 200 + ["junk", "huge"])
+#: Not frames at all: mostly undecodable, sometimes a frame by accident.
+JUNK = st.binary(min_size=1, max_size=48)
+METADATA_LIMIT = 1_000
+#: The smallest bound ``TunnelOptions`` allows for that metadata limit.
+FRAME_LIMIT = METADATA_LIMIT + MAX_CHUNK + FRAME_OVERHEAD
 METHOD_NAMES = st.sampled_from([*METHODS, "", "/malformed", "/no.Such/Method", "test.Svc/Unary"])
+
+
+def carry(frame: Message | bytes, frame_type: type[F]) -> F:
+    """A frame as the carrier takes it off the carrying call: bounded, parsed.
+
+    Raises ``FrameTooLarge`` exactly for frames over the bound, and
+    ``RemoteProtocolError`` for bytes that are not a frame.
+    """
+    data = frame if isinstance(frame, bytes) else frame.SerializeToString()
+    try:
+        frame_length(frame_prefix(len(data)), FRAME_LIMIT)
+    except FrameTooLarge:
+        assert len(data) > FRAME_LIMIT
+        raise
+    assert len(data) <= FRAME_LIMIT
+    return decode_frame(frame_type, data)
 
 
 def draw_id(data: st.DataObject, in_play: list[int]) -> int:
@@ -68,7 +104,12 @@ def draw_id(data: st.DataObject, in_play: list[int]) -> int:
 # -- server ---------------------------------------------------------------------------
 
 
-def draw_client_frame(data: st.DataObject, seen: list[int]) -> ClientToServer:
+def draw_client_frame(data: st.DataObject, seen: list[int]) -> ClientToServer | bytes:
+    rare = data.draw(RARE)
+    if rare == "junk":
+        return data.draw(JUNK)
+    if rare == "huge":  # a chunk over the frame bound
+        return ClientToServer(stream_id=data.draw(ANY_ID), more_request_data=b"d" * FRAME_LIMIT)
     last = max(seen, default=0)
     kind = (
         "new_stream"
@@ -89,7 +130,14 @@ def draw_client_frame(data: st.DataObject, seen: list[int]) -> ClientToServer:
             revision=data.draw(st.sampled_from([0, 1, 1, 1, 2])),
             window=data.draw(st.sampled_from([0, 10, 65_536, 65_536, 2**32 - 1])),
             headers=data.draw(
-                st.sampled_from([None, {"x-a": ["1"]}, {"grpc-timeout": ["1S"]}, {"BAD": ["v"]}])
+                st.sampled_from(
+                    [None, {"x-a": ["1"]}, {"grpc-timeout": ["1S"]}, {"BAD": ["v"]}] * 10
+                    + [
+                        {"x-bad": ["a\r\nb"]},
+                        {"x-big": ["v" * 2 * METADATA_LIMIT]},  # within the frame bound
+                        {"x-huge": ["v" * FRAME_LIMIT]},  # over it
+                    ]
+                )
             ),
         )
     sid = draw_id(data, seen)
@@ -145,7 +193,7 @@ def server_app_step(
 @SETTINGS
 @given(st.data())
 def test_server_survives_any_frame_sequence(data: st.DataObject) -> None:
-    server = negotiated_server(max_receive_message_length=50_000, max_metadata_size=1_000)
+    server = negotiated_server(max_receive_message_length=50_000, max_metadata_size=METADATA_LIMIT)
     seen: list[int] = []  # every new_stream id taken as "above the last"
     opened: list[int] = []  # the accepted ones
     out: list[ServerToClient] = []
@@ -165,12 +213,17 @@ def test_server_survives_any_frame_sequence(data: st.DataObject) -> None:
 
     for _ in range(data.draw(st.integers(1, 40))):
         if data.draw(st.integers(0, 2)):
-            frame = draw_client_frame(data, seen)
+            drawn = draw_client_frame(data, seen)
             last = max(seen, default=0)
             try:
+                frame = carry(drawn, ClientToServer)
                 events = server.receive_frame(frame)
             except RemoteProtocolError as exc:
-                event(f"server: tunnel aborted ({str(exc).split(',')[0][:40]})")
+                event(f"server: tunnel aborted ({str(exc).split(',')[0].split('(')[0][:40]})")
+                # A new_stream with a fresh id ends the tunnel only if it is
+                # over the frame bound, whatever its metadata.
+                if isinstance(drawn, ClientToServer) and drawn.HasField("new_stream"):
+                    assert drawn.stream_id <= last or isinstance(exc, FrameTooLarge)
                 return  # the tunnel ends; nothing more to check
             if frame.HasField("new_stream"):
                 assert frame.stream_id > last
@@ -210,7 +263,12 @@ def test_server_survives_any_frame_sequence(data: st.DataObject) -> None:
 # -- client ---------------------------------------------------------------------------
 
 
-def draw_server_frame(data: st.DataObject, opened: list[int]) -> ServerToClient:
+def draw_server_frame(data: st.DataObject, opened: list[int]) -> ServerToClient | bytes:
+    rare = data.draw(RARE)
+    if rare == "junk":
+        return data.draw(JUNK)
+    if rare == "huge":  # a chunk over the frame bound
+        return ServerToClient(stream_id=data.draw(ANY_ID), more_response_data=b"d" * FRAME_LIMIT)
     kind = data.draw(
         st.sampled_from(
             ["response_message"] * 3
@@ -226,7 +284,10 @@ def draw_server_frame(data: st.DataObject, opened: list[int]) -> ServerToClient:
         return ServerToClient(stream_id=sid, response_message=message)
     if kind == "response_headers":
         md = data.draw(
-            st.sampled_from([None, {"x-a": ["1"]}, {"BAD": ["1"]}, {"x-b": ["v" * 2_000]}])
+            st.sampled_from(
+                [None, {"x-a": ["1"]}, {"BAD": ["1"]}, {"x-b": ["v" * 2 * METADATA_LIMIT]}] * 3
+                + [{"x-bad": ["1\x00"]}, {"x-c": ["v" * FRAME_LIMIT]}]  # the last: over the bound
+            )
         )
         return response_headers(sid, md)
     if kind == "more_response_data":
@@ -277,7 +338,7 @@ def client_app_step(
 @SETTINGS
 @given(st.data())
 def test_client_survives_any_frame_sequence(data: st.DataObject) -> None:
-    client = negotiated_client(max_receive_message_length=50_000, max_metadata_size=1_000)
+    client = negotiated_client(max_receive_message_length=50_000, max_metadata_size=METADATA_LIMIT)
     opened: list[int] = []
     announced: set[int] = set()  # new_stream went out
     ended: Counter[int] = Counter()
@@ -302,10 +363,15 @@ def test_client_survives_any_frame_sequence(data: st.DataObject) -> None:
 
     for _ in range(data.draw(st.integers(1, 40))):
         if announced and data.draw(st.integers(0, 2)):
+            drawn = draw_server_frame(data, sorted(announced))
             try:
-                events = client.receive_frame(draw_server_frame(data, sorted(announced)))
+                events = client.receive_frame(carry(drawn, ServerToClient))
             except RemoteProtocolError as exc:
-                event(f"client: tunnel aborted ({str(exc).split(' for ')[0][:40]})")
+                event(f"client: tunnel aborted ({str(exc).split(' for ')[0].split('(')[0][:40]})")
+                # Headers of a stream in play end the tunnel only if the
+                # frame is over the bound, whatever its metadata.
+                if isinstance(drawn, ServerToClient) and drawn.HasField("response_headers"):
+                    assert drawn.stream_id not in announced or isinstance(exc, FrameTooLarge)
                 return
             for e in events:
                 sid = e.stream_id  # type: ignore[union-attr]

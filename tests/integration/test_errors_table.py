@@ -6,7 +6,8 @@ see the same exception class.  Three rows are tested where their mechanism
 is: "the peer breaks negotiation" in ``test_refused.py`` (every way a first
 frame can be wrong), "the opening takes longer than ``negotiation_timeout``"
 in ``tests/field/test_opening.py`` and "the peer stops answering keepalive
-checks" in ``tests/field/test_keepalive.py``.  Only the tunnel client waits
+checks" in ``tests/field/test_keepalive.py``; a frame over ``max_frame_size``
+in ``test_frame_bound.py`` (every end).  Only the tunnel client waits
 for the peer's ``Settings``: for a reverse tunnel that is the network
 server, and a device whose tunnel it cannot negotiate gets the server's
 refusal.

@@ -1,0 +1,291 @@
+"""What ``tunnel._seam`` assumes of grpclib's private parts, checked on the real thing.
+
+Each test pins one assumption a function of the seam documents, on a real
+grpclib server and client over loopback, so that a grpclib release that
+changes it fails here, by name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import grpclib.client
+import grpclib.protocol
+import grpclib.server
+import grpclib.utils
+import pytest
+from grpclib.config import Configuration
+from grpclib.const import Cardinality, Handler
+from grpclib.exceptions import StreamTerminatedError
+
+from tests.conftest import _listening_socket
+from tests.integration.support import Proxy, connected
+from tunnel import _seam
+from tunnel._core.framing import frame_prefix
+from tunnel.testing._pb.grpchantesting import Message
+
+METHOD = "/seam.Test/Raw"
+TIMEOUT = 10.0
+#: The smallest HTTP/2 window grpclib allows (and the protocol's default).
+WINDOW = 65_535
+
+ServerSide = Callable[[grpclib.server.Stream[Any, Any]], Awaitable[None]]
+
+
+class Raw:
+    """One bidi method whose server side is the test's coroutine."""
+
+    def __init__(self, behave: ServerSide) -> None:
+        self._behave = behave
+        self.stream: asyncio.Future[grpclib.server.Stream[Any, Any]] | None = None
+
+    def __mapping__(self) -> dict[str, Handler]:
+        return {METHOD: Handler(self._behave, Cardinality.STREAM_STREAM, Message, Message)}
+
+
+@asynccontextmanager
+async def server(behave: ServerSide, config: Configuration | None = None) -> AsyncIterator[int]:
+    srv = grpclib.server.Server([Raw(behave)], config=config)
+    sock = _listening_socket()
+    await srv.start(sock=sock)
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        srv.close()
+        async with asyncio.timeout(TIMEOUT):
+            await srv.wait_closed()
+
+
+def call(channel: grpclib.client.Channel) -> grpclib.client.Stream[Message, Message]:
+    return channel.request(METHOD, Cardinality.STREAM_STREAM, Message, Message)
+
+
+# -- http2_stream -------------------------------------------------------------------
+
+
+async def test_http2_stream_is_under_client_and_server_streams() -> None:
+    seen: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+
+    async def behave(stream: grpclib.server.Stream[Any, Any]) -> None:
+        seen.set_result(_seam.http2_stream(stream))
+        await stream.recv_message()
+
+    async with (
+        asyncio.timeout(TIMEOUT),
+        server(behave) as port,
+        connected(port) as channel,
+        call(channel) as stream,
+    ):
+        assert _seam.http2_stream(stream) is None  # no request sent yet
+        await stream.send_request()
+        client_h2 = _seam.http2_stream(stream)
+        assert isinstance(client_h2, grpclib.protocol.Stream)
+        assert isinstance(await seen, grpclib.protocol.Stream)
+        await stream.end()
+
+
+def test_http2_stream_is_none_for_what_is_not_a_grpclib_stream() -> None:
+    assert _seam.http2_stream(object()) is None
+
+    class Impostor:
+        _stream = "not an HTTP/2 stream"
+
+    assert _seam.http2_stream(Impostor()) is None
+
+
+# -- send_data ------------------------------------------------------------------------
+
+
+async def test_send_data_writes_raw_grpc_messages_the_peer_parses() -> None:
+    received: list[bytes] = []
+
+    async def behave(stream: grpclib.server.Stream[Any, Any]) -> None:
+        async for message in stream:
+            received.append(message.payload)
+        await stream.send_trailing_metadata()
+
+    async with (
+        asyncio.timeout(TIMEOUT),
+        server(behave) as port,
+        connected(port) as channel,
+        call(channel) as stream,
+    ):
+        await stream.send_request()
+        h2 = _seam.http2_stream(stream)
+        assert h2 is not None
+        parts = [bytes(Message(payload=p)) for p in (b"one", b"two")]
+        await _seam.send_data(h2, b"".join(frame_prefix(len(p)) + p for p in parts))
+        await stream.end()
+        await stream.recv_initial_metadata()
+        await stream.recv_trailing_metadata()
+    assert received == [b"one", b"two"]
+
+
+# -- recv_data ------------------------------------------------------------------------
+
+
+async def read_on_server(
+    write: Callable[[grpclib.client.Stream[Any, Any], grpclib.protocol.Stream], Awaitable[None]],
+    read: Callable[[grpclib.protocol.Stream], Awaitable[object]],
+) -> object:
+    """What ``read`` returns on the server's HTTP/2 stream after ``write`` on the client's."""
+    result: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+
+    async def behave(stream: grpclib.server.Stream[Any, Any]) -> None:
+        h2 = _seam.http2_stream(stream)
+        assert h2 is not None
+        try:
+            result.set_result(await read(h2))
+        except Exception as exc:
+            result.set_exception(exc)
+        await stream.send_trailing_metadata()
+
+    async with (
+        asyncio.timeout(TIMEOUT),
+        server(behave) as port,
+        connected(port) as channel,
+        call(channel) as stream,
+    ):
+        await stream.send_request()
+        h2 = _seam.http2_stream(stream)
+        assert h2 is not None
+        await write(stream, h2)
+        await stream.recv_initial_metadata()
+        await stream.recv_trailing_metadata()
+    return await result
+
+
+async def test_recv_data_returns_exactly_the_bytes_asked_for_in_order() -> None:
+    async def write(stream: Any, h2: grpclib.protocol.Stream) -> None:
+        await h2.send_data(b"abc")
+        await h2.send_data(b"defgh")
+        await stream.end()
+
+    async def read(h2: grpclib.protocol.Stream) -> object:
+        return [await _seam.recv_data(h2, n) for n in (2, 4, 2)]
+
+    assert await read_on_server(write, read) == [b"ab", b"cdef", b"gh"]
+
+
+async def test_recv_data_is_empty_at_the_end_of_the_stream() -> None:
+    async def write(stream: Any, h2: grpclib.protocol.Stream) -> None:
+        await h2.send_data(b"abc")
+        await stream.end()
+
+    async def read(h2: grpclib.protocol.Stream) -> object:
+        return [await _seam.recv_data(h2, 3), await _seam.recv_data(h2, 5)]
+
+    assert await read_on_server(write, read) == [b"abc", b""]
+
+
+async def test_recv_data_raises_when_the_stream_ends_within_the_bytes() -> None:
+    async def write(stream: Any, h2: grpclib.protocol.Stream) -> None:
+        await h2.send_data(b"abc")
+        await stream.end()
+
+    async def read(h2: grpclib.protocol.Stream) -> object:
+        return await _seam.recv_data(h2, 5)
+
+    with pytest.raises(_seam.DataTruncated):
+        await read_on_server(write, read)
+
+
+async def test_recv_data_acknowledges_what_it_reads_and_only_that() -> None:
+    """Data nobody read holds the sender at the HTTP/2 window; reading frees it."""
+    config = Configuration(http2_connection_window_size=WINDOW, http2_stream_window_size=WINDOW)
+    total = 16 * WINDOW
+    server_h2: asyncio.Future[grpclib.protocol.Stream] = asyncio.get_running_loop().create_future()
+    read_all = asyncio.Event()
+    got: list[int] = []
+
+    async def behave(stream: grpclib.server.Stream[Any, Any]) -> None:
+        h2 = _seam.http2_stream(stream)
+        assert h2 is not None
+        server_h2.set_result(h2)
+        await _seam.recv_data(h2, 5)  # one read: one DATA frame acknowledged
+        await read_all.wait()
+        got.append(len(await _seam.recv_data(h2, total - 5)))
+        await stream.send_trailing_metadata()
+
+    async with (
+        asyncio.timeout(TIMEOUT),
+        server(behave, config) as port,
+        connected(port) as channel,
+        call(channel) as stream,
+    ):
+        await stream.send_request()
+        h2 = _seam.http2_stream(stream)
+        assert h2 is not None
+        sending = asyncio.create_task(_seam.send_data(h2, b"\x00" * total))
+        receiver = await server_h2
+        # The sender stops when the window it was given is used up.
+        h2_connection = h2._h2_connection
+        assert h2.id is not None
+        while h2_connection.local_flow_control_window(h2.id) > 0 and not sending.done():
+            await asyncio.sleep(0.01)
+        assert not sending.done()
+        # One window, plus the one DATA frame (16 KiB) the first read acknowledged.
+        assert receiver.data_received <= WINDOW + 16_384
+        read_all.set()
+        await sending
+        await stream.end()
+        await stream.recv_initial_metadata()
+        await stream.recv_trailing_metadata()
+    assert got == [total - 5]
+
+
+# -- call_wrapper ---------------------------------------------------------------------
+
+
+async def test_call_wrapper_wakes_a_client_read_when_the_connection_is_lost() -> None:
+    reached = asyncio.Event()
+
+    async def behave(stream: grpclib.server.Stream[Any, Any]) -> None:
+        reached.set()
+        await asyncio.Event().wait()  # never answers
+
+    async with (
+        asyncio.timeout(TIMEOUT),
+        server(behave) as port,
+        Proxy(port) as proxy,
+        connected(proxy.port) as channel,
+    ):
+        with pytest.raises(StreamTerminatedError):
+            async with call(channel) as stream:
+                await stream.send_request()
+                h2 = _seam.http2_stream(stream)
+                assert h2 is not None
+                await reached.wait()
+                waiting = asyncio.Event()
+
+                async def read() -> bytes:
+                    with _seam.call_wrapper(stream):
+                        waiting.set()
+                        return await _seam.recv_data(h2, 5)
+
+                reading = asyncio.create_task(read())
+                await waiting.wait()  # the read is now blocked in the buffer
+                proxy.cut()
+                await reading
+
+
+async def test_call_wrapper_is_the_client_calls_wrapper_and_nothing_for_a_server() -> None:
+    wrapper: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+
+    async def behave(stream: grpclib.server.Stream[Any, Any]) -> None:
+        wrapper.set_result(_seam.call_wrapper(stream))
+        await stream.recv_message()
+
+    async with (
+        asyncio.timeout(TIMEOUT),
+        server(behave) as port,
+        connected(port) as channel,
+        call(channel) as stream,
+    ):
+        assert isinstance(_seam.call_wrapper(stream), grpclib.utils.Wrapper)
+        await stream.send_request()
+        assert not isinstance(await wrapper, grpclib.utils.Wrapper)
+        await stream.end()
