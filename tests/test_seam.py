@@ -66,11 +66,13 @@ def call(channel: grpclib.client.Channel) -> grpclib.client.Stream[Message, Mess
 # -- http2_stream -------------------------------------------------------------------
 
 
-async def test_http2_stream_is_under_client_and_server_streams() -> None:
-    seen: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+async def test_what_is_under_real_client_and_server_streams() -> None:
+    """``http2_stream`` finds the HTTP/2 stream under both; ``call_wrapper``
+    is the client call's ``Wrapper``, and nothing for a server stream."""
+    seen: asyncio.Future[tuple[object, object]] = asyncio.get_running_loop().create_future()
 
     async def behave(stream: grpclib.server.Stream[Any, Any]) -> None:
-        seen.set_result(_seam.http2_stream(stream))
+        seen.set_result((_seam.http2_stream(stream), _seam.call_wrapper(stream)))
         await stream.recv_message()
 
     async with (
@@ -80,10 +82,12 @@ async def test_http2_stream_is_under_client_and_server_streams() -> None:
         call(channel) as stream,
     ):
         assert _seam.http2_stream(stream) is None  # no request sent yet
+        assert isinstance(_seam.call_wrapper(stream), grpclib.utils.Wrapper)
         await stream.send_request()
-        client_h2 = _seam.http2_stream(stream)
-        assert isinstance(client_h2, grpclib.protocol.Stream)
-        assert isinstance(await seen, grpclib.protocol.Stream)
+        assert isinstance(_seam.http2_stream(stream), grpclib.protocol.Stream)
+        server_h2, server_wrapper = await seen
+        assert isinstance(server_h2, grpclib.protocol.Stream)
+        assert not isinstance(server_wrapper, grpclib.utils.Wrapper)
         await stream.end()
 
 
@@ -96,49 +100,22 @@ def test_http2_stream_is_none_for_what_is_not_a_grpclib_stream() -> None:
     assert _seam.http2_stream(Impostor()) is None
 
 
-# -- send_data ------------------------------------------------------------------------
+# -- a write on the client's side, a read on the server's -------------------------------
+
+Write = Callable[[grpclib.client.Stream[Any, Any], grpclib.protocol.Stream], Awaitable[None]]
+Read = Callable[[grpclib.server.Stream[Any, Any]], Awaitable[object]]
 
 
-async def test_send_data_writes_raw_grpc_messages_the_peer_parses() -> None:
-    received: list[bytes] = []
+async def read_on_server(write: Write, read: Read) -> object:
+    """What ``read`` returns on the server's stream after ``write`` on the client's.
 
-    async def behave(stream: grpclib.server.Stream[Any, Any]) -> None:
-        async for message in stream:
-            received.append(message.payload)
-        await stream.send_trailing_metadata()
-
-    async with (
-        asyncio.timeout(TIMEOUT),
-        server(behave) as port,
-        connected(port) as channel,
-        call(channel) as stream,
-    ):
-        await stream.send_request()
-        h2 = _seam.http2_stream(stream)
-        assert h2 is not None
-        parts = [bytes(Message(payload=p)) for p in (b"one", b"two")]
-        await _seam.send_data(h2, b"".join(frame_prefix(len(p)) + p for p in parts))
-        await stream.end()
-        await stream.recv_initial_metadata()
-        await stream.recv_trailing_metadata()
-    assert received == [b"one", b"two"]
-
-
-# -- recv_data ------------------------------------------------------------------------
-
-
-async def read_on_server(
-    write: Callable[[grpclib.client.Stream[Any, Any], grpclib.protocol.Stream], Awaitable[None]],
-    read: Callable[[grpclib.protocol.Stream], Awaitable[object]],
-) -> object:
-    """What ``read`` returns on the server's HTTP/2 stream after ``write`` on the client's."""
+    ``write`` gets the client's grpclib stream and its HTTP/2 stream.
+    """
     result: asyncio.Future[object] = asyncio.get_running_loop().create_future()
 
     async def behave(stream: grpclib.server.Stream[Any, Any]) -> None:
-        h2 = _seam.http2_stream(stream)
-        assert h2 is not None
         try:
-            result.set_result(await read(h2))
+            result.set_result(await read(stream))
         except Exception as exc:
             result.set_exception(exc)
         await stream.send_trailing_metadata()
@@ -158,39 +135,62 @@ async def read_on_server(
     return await result
 
 
+def h2_of(stream: grpclib.server.Stream[Any, Any]) -> grpclib.protocol.Stream:
+    h2 = _seam.http2_stream(stream)
+    assert h2 is not None
+    return h2
+
+
+async def write_abc_and_end(stream: Any, h2: grpclib.protocol.Stream) -> None:
+    await h2.send_data(b"abc")
+    await stream.end()
+
+
+# -- send_data ------------------------------------------------------------------------
+
+
+async def test_send_data_writes_raw_grpc_messages_the_peer_parses() -> None:
+    async def write(stream: Any, h2: grpclib.protocol.Stream) -> None:
+        parts = [bytes(Message(payload=p)) for p in (b"one", b"two")]
+        await _seam.send_data(h2, b"".join(frame_prefix(len(p)) + p for p in parts))
+        await stream.end()
+
+    async def read(stream: grpclib.server.Stream[Any, Any]) -> object:
+        return [message.payload async for message in stream]
+
+    assert await read_on_server(write, read) == [b"one", b"two"]
+
+
+# -- recv_data ------------------------------------------------------------------------
+
+
 async def test_recv_data_returns_exactly_the_bytes_asked_for_in_order() -> None:
     async def write(stream: Any, h2: grpclib.protocol.Stream) -> None:
         await h2.send_data(b"abc")
         await h2.send_data(b"defgh")
         await stream.end()
 
-    async def read(h2: grpclib.protocol.Stream) -> object:
+    async def read(stream: grpclib.server.Stream[Any, Any]) -> object:
+        h2 = h2_of(stream)
         return [await _seam.recv_data(h2, n) for n in (2, 4, 2)]
 
     assert await read_on_server(write, read) == [b"ab", b"cdef", b"gh"]
 
 
 async def test_recv_data_is_empty_at_the_end_of_the_stream() -> None:
-    async def write(stream: Any, h2: grpclib.protocol.Stream) -> None:
-        await h2.send_data(b"abc")
-        await stream.end()
-
-    async def read(h2: grpclib.protocol.Stream) -> object:
+    async def read(stream: grpclib.server.Stream[Any, Any]) -> object:
+        h2 = h2_of(stream)
         return [await _seam.recv_data(h2, 3), await _seam.recv_data(h2, 5)]
 
-    assert await read_on_server(write, read) == [b"abc", b""]
+    assert await read_on_server(write_abc_and_end, read) == [b"abc", b""]
 
 
 async def test_recv_data_raises_when_the_stream_ends_within_the_bytes() -> None:
-    async def write(stream: Any, h2: grpclib.protocol.Stream) -> None:
-        await h2.send_data(b"abc")
-        await stream.end()
-
-    async def read(h2: grpclib.protocol.Stream) -> object:
-        return await _seam.recv_data(h2, 5)
+    async def read(stream: grpclib.server.Stream[Any, Any]) -> object:
+        return await _seam.recv_data(h2_of(stream), 5)
 
     with pytest.raises(_seam.DataTruncated):
-        await read_on_server(write, read)
+        await read_on_server(write_abc_and_end, read)
 
 
 async def test_recv_data_acknowledges_what_it_reads_and_only_that() -> None:
@@ -270,22 +270,3 @@ async def test_call_wrapper_wakes_a_client_read_when_the_connection_is_lost() ->
                 await waiting.wait()  # the read is now blocked in the buffer
                 proxy.cut()
                 await reading
-
-
-async def test_call_wrapper_is_the_client_calls_wrapper_and_nothing_for_a_server() -> None:
-    wrapper: asyncio.Future[object] = asyncio.get_running_loop().create_future()
-
-    async def behave(stream: grpclib.server.Stream[Any, Any]) -> None:
-        wrapper.set_result(_seam.call_wrapper(stream))
-        await stream.recv_message()
-
-    async with (
-        asyncio.timeout(TIMEOUT),
-        server(behave) as port,
-        connected(port) as channel,
-        call(channel) as stream,
-    ):
-        assert isinstance(_seam.call_wrapper(stream), grpclib.utils.Wrapper)
-        await stream.send_request()
-        assert not isinstance(await wrapper, grpclib.utils.Wrapper)
-        await stream.end()

@@ -69,7 +69,7 @@ WINDOWS = st.one_of(st.integers(0, 70_000), st.just(2**32 - 1))
 F = TypeVar("F", bound=Message)
 
 #: Now and then a frame is not one at all, or is one over the bound.
-RARE = st.sampled_from(["frame"] * 200 + ["junk", "huge"])
+RARE = st.sampled_from(["frame"] * 80 + ["junk", "huge"])
 #: Not frames at all: mostly undecodable, sometimes a frame by accident.
 JUNK = st.binary(min_size=1, max_size=48)
 METADATA_LIMIT = 1_000
@@ -104,12 +104,26 @@ def draw_id(data: st.DataObject, in_play: list[int]) -> int:
 # -- server ---------------------------------------------------------------------------
 
 
-def draw_client_frame(data: st.DataObject, seen: list[int]) -> ClientToServer | bytes:
+def draw_rare(data: st.DataObject, frame_type: type[F]) -> F | bytes | None:
+    """Now and then bytes that are not a frame, or a frame over the bound.
+
+    The big frame is a chunk of ``more_*_data`` (field 4 of both frame types).
+    None: draw an ordinary frame.
+    """
     rare = data.draw(RARE)
     if rare == "junk":
         return data.draw(JUNK)
-    if rare == "huge":  # a chunk over the frame bound
-        return ClientToServer(stream_id=data.draw(ANY_ID), more_request_data=b"d" * FRAME_LIMIT)
+    if rare == "huge":
+        frame = frame_type(stream_id=data.draw(ANY_ID))
+        field = "more_request_data" if frame_type is ClientToServer else "more_response_data"
+        setattr(frame, field, b"d" * FRAME_LIMIT)
+        return frame
+    return None
+
+
+def draw_client_frame(data: st.DataObject, seen: list[int]) -> ClientToServer | bytes:
+    if (rare := draw_rare(data, ClientToServer)) is not None:
+        return rare
     last = max(seen, default=0)
     kind = (
         "new_stream"
@@ -264,11 +278,8 @@ def test_server_survives_any_frame_sequence(data: st.DataObject) -> None:
 
 
 def draw_server_frame(data: st.DataObject, opened: list[int]) -> ServerToClient | bytes:
-    rare = data.draw(RARE)
-    if rare == "junk":
-        return data.draw(JUNK)
-    if rare == "huge":  # a chunk over the frame bound
-        return ServerToClient(stream_id=data.draw(ANY_ID), more_response_data=b"d" * FRAME_LIMIT)
+    if (rare := draw_rare(data, ServerToClient)) is not None:
+        return rare
     kind = data.draw(
         st.sampled_from(
             ["response_message"] * 3
