@@ -58,6 +58,9 @@ class TunnelServerProtocol(Connection[ServerToClient]):
     """Sans-IO tunnel server: accept streams, read requests, send responses.
 
     ``methods`` maps the full method names served here to their cardinality.
+    With a ``fallback`` cardinality, every other well-formed name is
+    accepted too, with that cardinality (the application runs a fallback
+    handler for it); without, such names are refused UNIMPLEMENTED.
     ``peer_negotiates`` says whether the tunnel client's side of the carrying
     call sent ``grpctunnel-negotiate: on``; then a ``Settings`` frame is the
     first frame queued.
@@ -68,6 +71,7 @@ class TunnelServerProtocol(Connection[ServerToClient]):
         methods: Mapping[str, Cardinality],
         *,
         peer_negotiates: bool,
+        fallback: Cardinality | None = None,
         disable_flow_control: bool = False,
         max_receive_message_length: int = 4 * 1024 * 1024,
         max_metadata_size: int = 64 * 1024,
@@ -82,6 +86,7 @@ class TunnelServerProtocol(Connection[ServerToClient]):
         self._methods = methods
         #: Streams beyond this many at once are refused (None: no limit).
         self.max_concurrent_streams = max_concurrent_streams
+        self._fallback = fallback
         self._supported = (
             (REVISION_ZERO,) if disable_flow_control else (REVISION_ZERO, REVISION_ONE)
         )
@@ -202,11 +207,7 @@ class TunnelServerProtocol(Connection[ServerToClient]):
     def _open(self, stream_id: int, new_stream: NewStream) -> list[Event]:
         name = new_stream.method_name
         method = parse_method_name(name)
-        # The keepalive probe is refused like any unknown method, whatever
-        # is registered: answering it at once is all it asks for.
-        cardinality = (
-            None if method is None or method == KEEPALIVE_METHOD else self._methods.get(method)
-        )
+        cardinality = self._lookup(method) if method is not None else None
         try:
             if self.shutting_down:
                 raise StreamFault(Status.UNAVAILABLE, "server is shutting down")
@@ -242,6 +243,20 @@ class TunnelServerProtocol(Connection[ServerToClient]):
             flow_control=new_stream.protocol_revision == REVISION_ONE,
         )
         return [StreamOpened(stream_id, method, metadata, timeout, cardinality)]
+
+    def _lookup(self, method: str) -> Cardinality | None:
+        """The cardinality a stream of ``method`` is served with; None refuses it.
+
+        The one place that decides which names this end serves: never the
+        keepalive probe (refused like any unknown method, whatever is
+        registered: answering it at once is all it asks for, and it must
+        never reach an application's fallback); then the registered
+        methods; then any other name if there is a fallback.
+        """
+        if method == KEEPALIVE_METHOD:
+            return None
+        cardinality = self._methods.get(method)
+        return self._fallback if cardinality is None else cardinality
 
     def _request_headers(
         self, headers: Metadata
