@@ -4,7 +4,7 @@ grpclib has no public API for a few things a tunnel needs.  Each such touch
 lives in this module, as a small function whose docstring says what it
 relies on and why no public API does the job, so a grpclib release that
 moves one of them breaks here, by name, and nowhere else.
-``tests/test_seam.py`` checks that each of them still exists and behaves as
+``tests/seam/`` checks that each of them still exists and behaves as
 assumed.
 
 The touches, one line each (keep this list in step with the code):
@@ -24,6 +24,13 @@ The touches, one line each (keep this list in step with the code):
   deciding to read its body; data is acknowledged as it is read.
 * ``client.Stream._wrapper`` (``call_wrapper``): so that a read outside
   grpclib's own methods still wakes up when the connection is lost.
+* ``Server._mapping`` (the dict every connection looks methods up in
+  with ``.get``) and ``Server._server`` (set by ``start()``): a fallback
+  handler on a grpclib ``Server`` (``replace_server_mapping``).
+* ``Stream._status_details_codec`` (client and server): status details
+  passed through as bytes on one call (``use_status_details_codec``).
+* ``protocol.Stream.headers`` / ``.trailers`` under a client ``Stream``:
+  a status that arrived just before a reset (``received_status_headers``).
 """
 
 from __future__ import annotations
@@ -36,6 +43,9 @@ from typing import Any
 
 import grpclib.client
 import grpclib.protocol
+import grpclib.server
+from grpclib.const import Handler
+from grpclib.encoding.base import StatusDetailsCodecBase
 
 __all__ = [
     "DataTruncated",
@@ -44,8 +54,11 @@ __all__ = [
     "connection_is_lost",
     "http2_pinger",
     "http2_stream",
+    "received_status_headers",
     "recv_data",
+    "replace_server_mapping",
     "send_data",
+    "use_status_details_codec",
 ]
 
 
@@ -201,3 +214,66 @@ def call_wrapper(stream: object) -> contextlib.AbstractContextManager[Any]:
         wrapper: contextlib.AbstractContextManager[Any] = stream._wrapper
         return wrapper
     return contextlib.nullcontext()
+def replace_server_mapping(
+    server: grpclib.server.Server,
+    replace: Callable[[dict[str, Handler]], dict[str, Handler]],
+) -> None:
+    """Swap the method table of a grpclib ``Server`` for ``replace(table)``.
+
+    grpclib answers a path missing from its table with UNIMPLEMENTED and has
+    no hook for a catch-all.  Relies on: ``Server.__init__`` builds one dict,
+    ``Server._mapping``; ``Server._protocol_factory`` hands that very object
+    to each new connection's handler, and ``request_handler`` looks every
+    call's ``:path`` up in it with ``mapping.get(path)``.  A ``dict``
+    subclass that overrides ``get`` therefore decides, per call, which
+    handler runs.  Connections made earlier keep the old table, so this is
+    refused once the server has started (``Server._server`` is set by
+    ``start()``).
+    """
+    if server._server is not None:
+        raise RuntimeError("install a fallback before the server starts")
+    server._mapping = replace(server._mapping)
+
+
+def use_status_details_codec(
+    stream: grpclib.client.Stream[Any, Any] | grpclib.server.Stream[Any, Any],
+    codec: StatusDetailsCodecBase,
+) -> None:
+    """Make one call encode or decode its status details with ``codec``.
+
+    The codec is otherwise chosen per channel or per server, but a proxy
+    needs raw details on its own calls only, on a server whose other
+    handlers keep the ordinary codec.  Relies on: grpclib's client and
+    server ``Stream`` copy the codec into ``_status_details_codec`` in
+    ``__init__`` and read that attribute only when the status arrives
+    (client, ``_process_grpc_status``) or is sent (server,
+    ``send_trailing_metadata``).  This package's tunnel streams subclass
+    them and keep the same attribute, read at the same moments.
+    """
+    stream._status_details_codec = codec
+
+
+def received_status_headers(
+    stream: grpclib.client.Stream[Any, Any],
+) -> list[tuple[str, str]] | None:
+    """The header block that carried the call's status, if it has arrived.
+
+    A grpclib server resets a call it failed while the client was still
+    sending; the client's ``Stream`` then raises ``StreamTerminatedError``
+    from every method, and its exit turns that into the ``GRPCError``
+    without setting ``trailing_metadata``, although the trailers arrived
+    before the reset.  Relies on: ``Stream._stream`` is the HTTP/2 stream
+    (``grpclib.protocol.Stream``, set by ``send_request``), whose
+    ``trailers`` and ``headers`` hold the header blocks as received
+    (lists of name/value pairs, or None); a trailers-only response carries
+    ``grpc-status`` in ``headers``.  Returns None for other stream classes.
+    """
+    h2_stream = getattr(stream, "_stream", None)  # as in _connection() above
+    if not isinstance(h2_stream, grpclib.protocol.Stream):
+        return None
+    if h2_stream.trailers is not None:
+        return list(h2_stream.trailers)
+    headers = h2_stream.headers
+    if headers is not None and any(name == "grpc-status" for name, _ in headers):
+        return list(headers)
+    return None

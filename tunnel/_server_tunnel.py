@@ -40,6 +40,7 @@ from ._pb.tunnel_pb2 import ClientToServer, ServerToClient
 from ._server_stream import TunnelServerStream
 from ._tasks import cancel_and_wait
 from ._tunnel import Carrier, Ending, Tunnel
+from .fallback import fallback_cardinality
 from .options import TunnelOptions
 
 __all__ = ["ServerTunnel", "TunnelInfo", "current_tunnel"]
@@ -103,6 +104,7 @@ class ServerTunnel(Tunnel[ClientToServer, ServerToClient]):
             {name: handler.cardinality for name, handler in mapping.items()},
             peer_negotiates=peer_negotiates,
             max_concurrent_streams=options.max_concurrent_streams,
+            fallback=fallback_cardinality(mapping),
             **options.protocol_settings(),
         )
         super().__init__(self.core, self.core.receive_frame, carrier, options)

@@ -29,6 +29,7 @@ from ._server_tunnel import ServerTunnel, TunnelInfo
 from ._typing import Servable
 from ._violations import end_carrying_call
 from .channel import MAX_STREAMS_HEADER, NEGOTIATE_HEADER, OPEN_TUNNEL, TunnelChannel
+from .fallback import Fallback, with_fallback
 from .options import TunnelOptions
 from .reverse import (
     ALL,
@@ -52,7 +53,11 @@ async def _end_carrying_call(stream: grpclib.server.Stream[Any, Any], timeout: f
 
 
 class TunnelServiceHandler:
-    """The server side of ``grpctunnel.v1.TunnelService``."""
+    """The server side of ``grpctunnel.v1.TunnelService``.
+
+    With a ``fallback`` (see ``tunnel.fallback``), forward tunnels carry
+    every method ``handlers`` do not serve to it, a ``Proxy`` say.
+    """
 
     def __init__(
         self,
@@ -63,6 +68,7 @@ class TunnelServiceHandler:
         on_reverse_tunnel_open: TunnelCallback | None = None,
         on_reverse_tunnel_close: TunnelCallback | None = None,
         options: TunnelOptions | None = None,
+        fallback: Fallback | None = None,
     ) -> None:
         check_callback(affinity_key, "affinity_key")
         check_callback(on_reverse_tunnel_open, "on_reverse_tunnel_open")
@@ -70,7 +76,9 @@ class TunnelServiceHandler:
         mapping: dict[str, Handler] = {}
         for handler in handlers:
             mapping.update(handler.__mapping__())
-        self._mapping = mapping
+        # With a fallback, forward tunnels also carry every other method to it.
+        self._mapping = with_fallback(mapping, fallback)
+        self._fallback = fallback
         self._options = options or TunnelOptions()
         self.__dispatch__ = _DispatchServerEvents()
         self._codec = ProtoCodec()
@@ -123,7 +131,7 @@ class TunnelServiceHandler:
         return [c for c in self._pools.channels() if not c.closed]
 
     async def _open_tunnel(self, stream: grpclib.server.Stream[Any, Any]) -> None:
-        if not self._mapping:
+        if not self._mapping and self._fallback is None:
             raise GRPCError(Status.UNIMPLEMENTED, "no services are exposed over forward tunnels")
         peer_negotiates = stream.metadata is not None and (
             stream.metadata.get(NEGOTIATE_HEADER) == "on"

@@ -47,6 +47,7 @@ from ._typing import Servable
 from ._violations import end_carrying_call
 from .channel import MAX_STREAMS_HEADER, NEGOTIATE_HEADER, TunnelChannel, announced_max_streams
 from .errors import OpenTimeoutError, RemoteProtocolError, TunnelClosedError
+from .fallback import Fallback, with_fallback
 from .options import TunnelOptions
 
 __all__ = ["ReverseChannel", "ReverseTunnelServer"]
@@ -333,8 +334,10 @@ class _Closed(Exception):
 class ReverseTunnelServer:
     """Serves RPCs that a network server sends back over reverse tunnels.
 
-    ``handlers`` are what a ``grpclib.server.Server`` takes.  Server events
-    listened on this object fire for the tunneled handlers.
+    ``handlers`` are what a ``grpclib.server.Server`` takes; methods none of
+    them serves go to ``fallback`` if given (a ``Proxy`` to a local backend,
+    say; see ``tunnel.fallback``).  Server events listened on this object
+    fire for the tunneled handlers.
     """
 
     def __init__(
@@ -343,12 +346,14 @@ class ReverseTunnelServer:
         handlers: Collection[Servable],
         *,
         options: TunnelOptions | None = None,
+        fallback: Fallback | None = None,
     ) -> None:
         mapping: dict[str, Handler] = {}
         for handler in handlers:
             mapping.update(handler.__mapping__())
         self._channel = channel
-        self._mapping: Mapping[str, Handler] = mapping
+        # With a fallback, every other method the network server sends goes to it.
+        self._mapping: Mapping[str, Handler] = with_fallback(mapping, fallback)
         self._options = options or TunnelOptions()
         self.__dispatch__ = _DispatchServerEvents()
         self._codec = ProtoCodec()
