@@ -20,12 +20,17 @@ def parameters(func: object) -> list[tuple[str, str, object]]:
 
 def test_exports() -> None:
     assert sorted(tunnel.__all__) == [
+        "Fallback",
         "FrameTooLarge",
         "KeepaliveTimeoutError",
         "LocalProtocolError",
         "MetadataError",
         "NegotiationError",
         "OpenTimeoutError",
+        "Proxy",
+        "RawMessage",
+        "RawStatusDetails",
+        "RawStatusDetailsCodec",
         "ReconnectingTunnelChannel",
         "RemoteProtocolError",
         "ReverseChannel",
@@ -37,6 +42,7 @@ def test_exports() -> None:
         "TunnelOptions",
         "TunnelServiceHandler",
         "current_tunnel",
+        "install_fallback",
         "open_tunnel",
     ]
     for name in tunnel.__all__:
@@ -101,6 +107,7 @@ def test_handler_signature() -> None:
         ("on_reverse_tunnel_open", "KEYWORD_ONLY", None),
         ("on_reverse_tunnel_close", "KEYWORD_ONLY", None),
         ("options", "KEYWORD_ONLY", None),
+        ("fallback", "KEYWORD_ONLY", None),
     ]
     for method in ("as_channel", "key_as_channel", "all_reverse_tunnels", "initiate_shutdown"):
         assert callable(getattr(tunnel.TunnelServiceHandler, method))
@@ -112,6 +119,7 @@ def test_reverse_tunnel_server_signature() -> None:
         ("channel", "POSITIONAL_OR_KEYWORD", inspect.Parameter.empty),
         ("handlers", "POSITIONAL_OR_KEYWORD", inspect.Parameter.empty),
         ("options", "KEYWORD_ONLY", None),
+        ("fallback", "KEYWORD_ONLY", None),
     ]
     assert parameters(tunnel.ReverseTunnelServer.serve)[1] == (
         "metadata",
@@ -192,3 +200,31 @@ def test_options_defaults_and_validation() -> None:
     assert floor.max_frame_size == 82_944
     with pytest.raises(dataclasses.FrozenInstanceError):
         options.disable_flow_control = True  # type: ignore[misc]
+
+
+def test_proxy_and_fallback_signatures() -> None:
+    empty = inspect.Parameter.empty
+    assert parameters(tunnel.Proxy.__init__) == [
+        ("self", "POSITIONAL_OR_KEYWORD", empty),
+        ("target", "POSITIONAL_OR_KEYWORD", empty),
+        ("drop_metadata", "KEYWORD_ONLY", ()),
+    ]
+    # A Proxy is itself a fallback: (method_name, stream).
+    assert parameters(tunnel.Proxy.__call__)[1:] == [
+        ("method_name", "POSITIONAL_OR_KEYWORD", empty),
+        ("stream", "POSITIONAL_OR_KEYWORD", empty),
+    ]
+    assert parameters(tunnel.install_fallback) == [
+        ("server", "POSITIONAL_OR_KEYWORD", empty),
+        ("fallback", "POSITIONAL_OR_KEYWORD", empty),
+    ]
+    assert "HOP_BY_HOP" in tunnel.proxy.__all__
+
+
+def test_raw_message_is_what_protocodec_needs() -> None:
+    from grpclib.encoding.proto import ProtoCodec
+
+    codec = ProtoCodec()
+    message = codec.decode(b"\x08\x01", tunnel.RawMessage)
+    assert message == tunnel.RawMessage(b"\x08\x01")
+    assert codec.encode(message, tunnel.RawMessage) == b"\x08\x01"

@@ -8,6 +8,9 @@ One gRPC stream, a *tunnel*, carries many other calls.
 * The network server serves tunnels with a ``TunnelServiceHandler`` placed in
   its ``grpclib.server.Server``; it runs the same handler objects a Server
   takes, so tunneled calls run the application's existing service code.
+* A ``Proxy`` forwards any call, unknown to it, to a channel (plain, tunnel
+  or reverse pool); ``install_fallback`` puts it behind a grpclib ``Server``,
+  ``fallback=`` behind a ``TunnelServiceHandler`` or ``ReverseTunnelServer``.
 
 The wire protocol is byte-compatible with the reference implementation
 (github.com/jhump/grpctunnel) and every other peer of it.
@@ -27,8 +30,11 @@ from .errors import (
     TunnelClosedError,
     TunnelError,
 )
+from .fallback import Fallback, install_fallback
 from .handler import TunnelServiceHandler
 from .options import TunnelOptions
+from .proxy import Proxy
+from .raw import RawMessage, RawStatusDetails, RawStatusDetailsCodec
 from .reverse import ReverseChannel, ReverseTunnelServer
 
 # The one place the version is written: pyproject.toml reads it from here
@@ -36,12 +42,17 @@ from .reverse import ReverseChannel, ReverseTunnelServer
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "Fallback",
     "FrameTooLarge",
     "KeepaliveTimeoutError",
     "LocalProtocolError",
     "MetadataError",
     "NegotiationError",
     "OpenTimeoutError",
+    "Proxy",
+    "RawMessage",
+    "RawStatusDetails",
+    "RawStatusDetailsCodec",
     "ReconnectingTunnelChannel",
     "RemoteProtocolError",
     "ReverseChannel",
@@ -53,5 +64,6 @@ __all__ = [
     "TunnelOptions",
     "TunnelServiceHandler",
     "current_tunnel",
+    "install_fallback",
     "open_tunnel",
 ]
