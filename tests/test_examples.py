@@ -25,6 +25,14 @@ EXPECTED = {
         "server asked attic: UNAVAILABLE",
         "server: device 'garage' went away",
     ],
+    "proxy_nat.py": [
+        "caller -> proxy -> backend: backend got hello",
+        "server streaming through the proxy: [1, 2, 3]",
+        "caller -> router -> kitchen -> backend: backend got hi",
+        "{'tunnel-key': 'kitchen'}: PERMISSION_DENIED (the backend says no)",
+        "{'tunnel-key': 'attic'}: UNAVAILABLE",
+        "no key: INVALID_ARGUMENT",
+    ],
     "reverse_credentials.py": [
         "router: asked the device to open the door -> door opened",
         "rogue: asked the device to open the door -> PERMISSION_DENIED",
