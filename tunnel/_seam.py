@@ -214,6 +214,8 @@ def call_wrapper(stream: object) -> contextlib.AbstractContextManager[Any]:
         wrapper: contextlib.AbstractContextManager[Any] = stream._wrapper
         return wrapper
     return contextlib.nullcontext()
+
+
 def replace_server_mapping(
     server: grpclib.server.Server,
     replace: Callable[[dict[str, Handler]], dict[str, Handler]],
