@@ -258,9 +258,12 @@ class ServerTunnel(Tunnel[ClientToServer, ServerToClient]):
         try:
             await self._call_handler(stream, handler)
         except asyncio.CancelledError:
-            # Reset by the client (the core already sent the status) or the
-            # tunnel is ending: then the client is told the call was cancelled.
-            self._fail(stream, Status.CANCELLED, "tunnel closed")
+            # Reset by the client (the core already sent the status, so this
+            # sends nothing), or the tunnel is ending under the call: that is
+            # not the caller's cancel, and a caller behind a proxy must see
+            # it as the server side going away.
+            ending = self._ending
+            self._fail(stream, Status.UNAVAILABLE, ending.message if ending else "tunnel closed")
         except GRPCError as exc:
             self._fail(stream, exc.status, exc.message, exc.details)
         except MetadataError as exc:
