@@ -41,6 +41,7 @@ def test_exports() -> None:
         "TunnelInfo",
         "TunnelOptions",
         "TunnelServiceHandler",
+        "TunnelStatistics",
         "current_tunnel",
         "install_fallback",
         "open_tunnel",

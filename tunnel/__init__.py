@@ -18,6 +18,7 @@ The wire protocol is byte-compatible with the reference implementation
 
 from ._reconnecting import ReconnectingTunnelChannel
 from ._server_tunnel import TunnelInfo, current_tunnel
+from ._stats import TunnelStatistics
 from .channel import TunnelChannel, open_tunnel
 from .errors import (
     FrameTooLarge,
@@ -63,6 +64,7 @@ __all__ = [
     "TunnelInfo",
     "TunnelOptions",
     "TunnelServiceHandler",
+    "TunnelStatistics",
     "current_tunnel",
     "install_fallback",
     "open_tunnel",

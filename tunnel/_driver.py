@@ -71,8 +71,10 @@ class Driver(Generic[InFrame, OutFrame]):
         #: Set by the writer once the backlog is low again, for a reader
         #: that stopped reading (see ``BACKLOG_HIGH``).
         self._backlog_low: asyncio.Event | None = None
-        #: Event-loop time at which the last frame arrived (keepalive).
-        self.last_received = asyncio.get_running_loop().time()
+        #: Event-loop times at which the last frame arrived (keepalive) and left.
+        self.last_received = self.last_sent = asyncio.get_running_loop().time()
+        #: Seconds senders have spent waiting in ``flushed`` (statistics).
+        self.send_wait = 0.0
 
     # -- writing ---------------------------------------------------------
 
@@ -90,12 +92,17 @@ class Driver(Generic[InFrame, OutFrame]):
         """
         if self.core.buffered_message_bytes(stream_id) <= SEND_BUFFER:
             return
+        loop = asyncio.get_running_loop()
         fut = self._flush_waiters.get(stream_id)
         if fut is None:
-            fut = asyncio.get_running_loop().create_future()
+            fut = loop.create_future()
             self._flush_waiters[stream_id] = fut
         self.wake()
-        await asyncio.shield(fut)
+        started = loop.time()
+        try:
+            await asyncio.shield(fut)
+        finally:
+            self.send_wait += loop.time() - started
 
     def release_waiters(self, stream_id: int | None = None) -> None:
         """Wake senders of one stream (or all) whose data will never go out."""
@@ -116,6 +123,7 @@ class Driver(Generic[InFrame, OutFrame]):
         waiters = self._flush_waiters
         send = self._send
         send_batch = self._send_batch
+        clock = asyncio.get_running_loop().time
         while True:
             frame = core.next_frame()
             if frame is None:
@@ -135,6 +143,7 @@ class Driver(Generic[InFrame, OutFrame]):
                         break
                     batch.append(more)
                 await send_batch(batch)
+            self.last_sent = clock()
             backlog_low = self._backlog_low
             if backlog_low is not None and core.backlog() <= BACKLOG_LOW:
                 self._backlog_low = None

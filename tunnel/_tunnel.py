@@ -52,6 +52,7 @@ from ._carrier import BatchSender
 from ._core.connection import Connection
 from ._core.events import Event
 from ._driver import Driver
+from ._stats import TunnelStatistics
 from ._tasks import cancel_and_wait
 from .errors import KeepaliveTimeoutError, RemoteProtocolError, TunnelClosedError, TunnelError
 from .options import TunnelOptions
@@ -196,8 +197,29 @@ class Tunnel(Generic[InFrame, OutFrame]):
         self._stop = asyncio.Event()
         self._closed = asyncio.Event()
         self._alive_at = 0.0
+        self._started_at = asyncio.get_running_loop().time()
 
     # -- the owner's side --------------------------------------------------------
+
+    def statistics(self) -> TunnelStatistics:
+        """A snapshot of what the tunnel carried so far (``TunnelStatistics``)."""
+        driver = self.driver
+        core = driver.core
+        counters = core.counters
+        now = asyncio.get_running_loop().time()
+        return TunnelStatistics(
+            streams_opened=counters.streams_opened,
+            streams_active=core.streams_in_use,
+            streams_failed=counters.streams_failed,
+            messages_sent=counters.messages_sent,
+            messages_received=counters.messages_received,
+            bytes_sent=counters.bytes_sent,
+            bytes_received=counters.bytes_received,
+            send_wait_seconds=driver.send_wait,
+            age_seconds=now - self._started_at,
+            idle_seconds=now - max(driver.last_received, driver.last_sent),
+            keepalive_rtt_seconds=self.keepalive_rtt,
+        )
 
     @property
     def closed(self) -> bool:

@@ -29,6 +29,7 @@ from ._carrier import StreamCarrier
 from ._client_stream import TunnelClientStream
 from ._client_tunnel import ClientTunnel
 from ._pb.tunnel_pb2 import ClientToServer, ServerToClient
+from ._stats import TunnelStatistics
 from .errors import OpenTimeoutError
 from .options import TunnelOptions
 
@@ -87,6 +88,10 @@ class TunnelChannel(grpclib.client.Channel):
     @property
     def closed(self) -> bool:
         return self._tunnel.closed
+
+    def statistics(self) -> TunnelStatistics:
+        """What this tunnel carried so far: see ``TunnelStatistics``."""
+        return self._tunnel.statistics()
 
     def request(
         self,

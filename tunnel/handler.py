@@ -26,6 +26,7 @@ from ._pb.tunnel_pb2 import ClientToServer, ServerToClient
 from ._retry import check_callback
 from ._seam import http2_pinger
 from ._server_tunnel import ServerTunnel, TunnelInfo
+from ._stats import TunnelStatistics
 from ._typing import Servable
 from ._violations import end_carrying_call
 from .channel import MAX_STREAMS_HEADER, NEGOTIATE_HEADER, OPEN_TUNNEL, TunnelChannel
@@ -125,6 +126,13 @@ class TunnelServiceHandler:
     def key_as_channel(self, key: Hashable) -> ReverseChannel:
         """The reverse tunnels with affinity ``key`` as one channel."""
         return ReverseChannel(self._pools, key, f"has affinity key {key!r}")
+
+    def forward_statistics(self) -> list[TunnelStatistics]:
+        """What each open forward tunnel of this handler carried so far.
+
+        (A reverse tunnel's are its ``TunnelChannel.statistics()``.)
+        """
+        return [tunnel.statistics() for tunnel in self._tunnels]
 
     def all_reverse_tunnels(self) -> list[TunnelChannel]:
         """A snapshot of the open reverse tunnels."""

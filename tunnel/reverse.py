@@ -41,6 +41,7 @@ from ._pb.tunnel_pb2 import ClientToServer, ServerToClient
 from ._retry import PERMANENT_STATUSES, MetadataSource, Retry, check_callback, resolve_metadata
 from ._seam import connection_is_lost
 from ._server_tunnel import ServerTunnel, TunnelInfo
+from ._stats import TunnelStatistics
 from ._tasks import call_back
 from ._tunnel import as_status
 from ._typing import Servable
@@ -295,11 +296,18 @@ async def serve_reverse_tunnel(
 
 
 async def _affinity_key(affinity_key: AffinityKey, channel: TunnelChannel) -> Hashable:
-    """The pool key of a new reverse tunnel; a failing key function refuses it."""
+    """The pool key of a new reverse tunnel.
+
+    A key function that raises ``GRPCError`` refuses the tunnel with that
+    status (a router refusing a duplicate key, say); one that fails in any
+    other way refuses it with INTERNAL, and the failure is logged.
+    """
     try:
         key = affinity_key(channel)
         if inspect.isawaitable(key):
             key = await key
+    except GRPCError:
+        raise  # the key function refuses the tunnel, with the status it chose
     except Exception:
         log.exception("affinity_key function %r raised; reverse tunnel refused", affinity_key)
         refusal = "the network server could not register the tunnel"
@@ -370,6 +378,10 @@ class ReverseTunnelServer:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    def statistics(self) -> list[TunnelStatistics]:
+        """What each open tunnel of this server carried so far."""
+        return [tunnel.statistics() for tunnel in self._tunnels]
 
     async def serve(self, metadata: MetadataSource = None) -> None:
         """Open one reverse tunnel and serve it until it closes.

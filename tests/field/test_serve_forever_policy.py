@@ -305,3 +305,24 @@ async def test_failing_key_function_refuses_the_tunnel(caplog: pytest.LogCapture
         assert exc_info.value.status is Status.INTERNAL
         assert handler.all_reverse_tunnels() == []
         assert any("affinity_key" in r.getMessage() for r in caplog.records)
+
+
+async def test_key_function_refuses_with_its_own_status() -> None:
+    def key(channel: tunnel.TunnelChannel) -> object:
+        raise GRPCError(Status.ALREADY_EXISTS, "kitchen is taken")
+
+    handler = tunnel.TunnelServiceHandler(affinity_key=key)
+    async with (
+        asyncio.timeout(TEST_TIMEOUT),
+        router(handler) as net,
+        connected(net.port) as channel,
+        device_server(channel, [Device("dev")]) as running,
+    ):
+        with pytest.raises(GRPCError) as exc_info:
+            async with asyncio.timeout(PROMPT):
+                await running.server.serve()
+        assert (exc_info.value.status, exc_info.value.message) == (
+            Status.ALREADY_EXISTS,
+            "kitchen is taken",
+        )
+        assert handler.all_reverse_tunnels() == []

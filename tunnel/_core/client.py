@@ -35,7 +35,7 @@ from .._pb.tunnel_pb2 import (
     ServerToClient,
 )
 from ..errors import LocalProtocolError, NegotiationError, RemoteProtocolError
-from .connection import Connection, StreamState
+from .connection import KEEPALIVE_METHOD, Connection, StreamState
 from .events import DataReceived, Event, HeadersReceived, Negotiated, StreamEnded
 from .flow import INITIAL_WINDOW_SIZE, StreamFault
 from .metadata import MetadataError, MetadataPairs, decode_metadata, encode_metadata
@@ -127,6 +127,11 @@ class TunnelClientProtocol(Connection[ClientToServer]):
             send_window=self._initial_send_window,
             flow_control=self.revision == REVISION_ONE,
         )
+        if method == KEEPALIVE_METHOD:
+            st.counted = False
+            self._probes_active += 1
+        else:
+            self.counters.streams_opened += 1
         self._queue(st, ClientToServer(stream_id=stream_id, new_stream=new_stream))
         return stream_id
 
@@ -154,6 +159,7 @@ class TunnelClientProtocol(Connection[ClientToServer]):
         if st is None or st.finished:
             return
         announced = not _unannounced(st)
+        self._failed(st)
         st.pending.clear()
         st.buffered = 0
         if announced:
@@ -218,7 +224,7 @@ class TunnelClientProtocol(Connection[ClientToServer]):
             return [*self._headers_first(st), self._first(st, frame.response_message)]
         if kind == "more_response_data":
             complete = st.inbound.more(frame.more_response_data)
-            return [DataReceived(st.id, frame.more_response_data, complete)]
+            return [self._data(st, frame.more_response_data, complete)]
         if kind == "response_headers":
             if st.headers_done:
                 raise StreamFault(Status.INTERNAL, "tunnel server sent response headers twice")
@@ -244,7 +250,7 @@ class TunnelClientProtocol(Connection[ClientToServer]):
                 Status.INTERNAL, "tunnel server sent more than one response for a unary method"
             )
         complete = st.inbound.envelope(envelope.size, envelope.data)
-        return DataReceived(st.id, envelope.data, complete)
+        return self._data(st, envelope.data, complete)
 
     def _closed(self, st: StreamState, frame: ServerToClient) -> list[Event]:
         close = frame.close_stream
@@ -258,6 +264,8 @@ class TunnelClientProtocol(Connection[ClientToServer]):
                 code=Status.INTERNAL.value,
                 message="tunnel server closed the stream in the middle of a message",
             )
+        if status is not None:
+            self._failed(st)
         self._finish(st, drop_pending=True)
         return [StreamEnded(st.id, status, trailers)]
 

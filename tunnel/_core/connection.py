@@ -18,16 +18,17 @@ writer pulls the next frame when the carrying stream can take it.
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from google.protobuf.message import Message as _ProtoMessage
 from grpclib.const import Cardinality
 
 from ..errors import LocalProtocolError, RemoteProtocolError
-from .events import Event
+from .events import DataReceived, Event
 from .flow import MAX_WINDOW, InboundMessages, OutboundMessage
 
-__all__ = ["KEEPALIVE_METHOD", "Connection", "StreamState"]
+__all__ = ["KEEPALIVE_METHOD", "Connection", "Counters", "StreamState"]
 
 #: The method of a tunnel client's keepalive probe.  Nobody serves it: every
 #: conforming tunnel server answers a stream for it at once with
@@ -49,6 +50,7 @@ class StreamState:
     __slots__ = (
         "buffered",
         "cardinality",
+        "counted",
         "finished",
         "headers_done",
         "id",
@@ -90,6 +92,23 @@ class StreamState:
         self.sent_messages = 0
         #: Bytes of queued message data not yet cut into frames.
         self.buffered = 0
+        #: False for a keepalive probe, which the statistics leave out.
+        self.counted = True
+
+
+@dataclass(slots=True)
+class Counters:
+    """What a tunnel carried so far, counted by its protocol object."""
+
+    #: Streams the tunnel client started (on the server: accepted or refused).
+    streams_opened: int = 0
+    #: Streams that ended with a status other than OK (refusals included).
+    streams_failed: int = 0
+    #: Whole messages, and bytes of message data, each way.
+    messages_sent: int = 0
+    messages_received: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
 
 
 class Connection(Generic[OutFrame]):
@@ -118,6 +137,10 @@ class Connection(Generic[OutFrame]):
         self.active_streams = 0
         #: Finished streams whose last frames are still queued.
         self._finishing = 0
+        #: Counters for ``statistics`` (keepalive probes are not counted).
+        self.counters = Counters()
+        #: Keepalive probes among ``active_streams``.
+        self._probes_active = 0
 
     # -- frame constructors supplied by each side ------------------------
 
@@ -161,6 +184,11 @@ class Connection(Generic[OutFrame]):
                     self._forget(st)
             return frame
         return None
+
+    @property
+    def streams_in_use(self) -> int:
+        """Active streams, keepalive probes left out (for statistics)."""
+        return self.active_streams - self._probes_active
 
     def backlog(self) -> int:
         """Frames waiting to leave that no sender is holding back.
@@ -240,13 +268,31 @@ class Connection(Generic[OutFrame]):
     def _queue_message(self, st: StreamState, data: bytes) -> None:
         st.pending.append(OutboundMessage(data))
         st.buffered += len(data)
+        counters = self.counters
+        counters.messages_sent += 1
+        counters.bytes_sent += len(data)
         self._schedule(st)
+
+    def _data(self, st: StreamState, data: bytes, complete: bool) -> DataReceived:
+        """The event for a chunk of message data that passed its checks."""
+        counters = self.counters
+        counters.bytes_received += len(data)
+        if complete:
+            counters.messages_received += 1
+        return DataReceived(st.id, data, complete)
+
+    def _failed(self, st: StreamState) -> None:
+        """Count a stream that ends with a status other than OK."""
+        if st.counted and not st.finished:
+            self.counters.streams_failed += 1
 
     def _finish(self, st: StreamState, *, drop_pending: bool) -> None:
         """Mark a stream over; it leaves the table once its queue is sent."""
         if not st.finished:
             self.active_streams -= 1
             self._finishing += 1
+            if not st.counted:
+                self._probes_active -= 1
         st.finished = True
         st.sending = False
         st.receiving = False

@@ -36,7 +36,7 @@ from .._pb.tunnel_pb2 import (
 )
 from ..errors import LocalProtocolError, RemoteProtocolError
 from .connection import KEEPALIVE_METHOD, Connection, StreamState
-from .events import DataReceived, Event, HalfClosed, StreamOpened, StreamReset
+from .events import Event, HalfClosed, StreamOpened, StreamReset
 from .flow import INITIAL_WINDOW_SIZE, OutboundMessage, StreamFault
 from .metadata import InvalidMetadata, MetadataError, decode_metadata, encode_metadata
 
@@ -160,6 +160,7 @@ class TunnelServerProtocol(Connection[ServerToClient]):
         encode_metadata(trailers, close.response_trailers, limit=self.max_metadata_size)
         if status is not None and status.code:
             close.status.CopyFrom(status)
+            self._failed(st)
         if not st.headers_done:
             self.send_headers(stream_id, ())
         self._queue(st, ServerToClient(stream_id=stream_id, close_stream=close))
@@ -231,6 +232,9 @@ class TunnelServerProtocol(Connection[ServerToClient]):
                 )
             metadata, timeout = self._request_headers(new_stream.request_headers)
         except StreamFault as fault:
+            if method != KEEPALIVE_METHOD:
+                self.counters.streams_opened += 1
+                self.counters.streams_failed += 1
             refusal = ServerToClient(stream_id=stream_id)
             refusal.close_stream.status.code = fault.status.value
             refusal.close_stream.status.message = fault.message
@@ -242,6 +246,7 @@ class TunnelServerProtocol(Connection[ServerToClient]):
             send_window=new_stream.initial_window_size,
             flow_control=new_stream.protocol_revision == REVISION_ONE,
         )
+        self.counters.streams_opened += 1
         return [StreamOpened(stream_id, method, metadata, timeout, cardinality)]
 
     def _lookup(self, method: str) -> Cardinality | None:
@@ -290,11 +295,11 @@ class TunnelServerProtocol(Connection[ServerToClient]):
                 )
             envelope = frame.request_message
             complete = st.inbound.envelope(envelope.size, envelope.data)
-            return [DataReceived(st.id, envelope.data, complete)]
+            return [self._data(st, envelope.data, complete)]
         if kind == "more_request_data":
             self._expect_data(st)
             complete = st.inbound.more(frame.more_request_data)
-            return [DataReceived(st.id, frame.more_request_data, complete)]
+            return [self._data(st, frame.more_request_data, complete)]
         if kind == "half_close":
             self._expect_data(st)
             if st.inbound.in_message:
@@ -353,6 +358,7 @@ class TunnelServerProtocol(Connection[ServerToClient]):
         close.close_stream.status.message = message
         st.pending.append(close)
         self._schedule(st)
+        self._failed(st)
         self._finish(st, drop_pending=False)
         return StreamReset(st.id, status.value, message)
 
