@@ -34,12 +34,17 @@ from multidict import MultiDict
 
 from ._core.metadata import MetadataPairs
 from ._inbox import Inbox
-from .errors import TunnelClosedError
+from .errors import MetadataError, TunnelClosedError
 
 if TYPE_CHECKING:
     from ._client_tunnel import ClientTunnel
 
 __all__ = ["TunnelClientStream", "status_error"]
+
+#: Bytes of request messages a call from a pool keeps until the server takes
+#: it, to start it again elsewhere if its tunnel refuses it (``_retry_elsewhere``);
+#: a call that sends more than this before any response headers is not retried.
+REPLAY_LIMIT = 1 << 20
 
 _SendType = TypeVar("_SendType")
 _RecvType = TypeVar("_RecvType")
@@ -105,6 +110,7 @@ class TunnelClientStream(
         status_details_codec: StatusDetailsCodecBase | None,
         dispatch: _DispatchChannelEvents,
         deadline: Deadline | None = None,
+        pick_another: Callable[[], ClientTunnel | None] | None = None,
     ) -> None:
         #: Where the call's tunnel comes from when it is not known yet (a
         #: channel that reopens tunnels): asked for when the request goes out.
@@ -138,6 +144,13 @@ class TunnelClientStream(
         self._trailers_only = False
 
         self._stream_id = 0
+        #: Another tunnel of the call's pool, for one transparent retry of a
+        #: call its tunnel refused before processing any of it; with what
+        #: must be sent again (None once a retry is no longer possible).
+        self._pick_another = pick_another
+        self._replay: list[bytes] | None = [] if pick_another is not None else None
+        self._replay_size = 0
+        self._open_metadata: list[tuple[str, str | bytes]] = []
         self._headers: MetadataPairs | None = None
         self._inbox = Inbox()
         self._discard = False
@@ -150,6 +163,7 @@ class TunnelClientStream(
 
     def _on_headers(self, metadata: MetadataPairs) -> None:
         self._headers = metadata
+        self._replay = self._pick_another = None  # the server took the call
         self._changed.set()
 
     def _on_data(self, data: bytes, end_of_message: bool) -> None:
@@ -162,11 +176,71 @@ class TunnelClientStream(
     def _on_end(self, status: StatusProto | None, trailers: MetadataPairs, *, abrupt: bool) -> None:
         if self._end is not None:
             return
+        if (
+            status is not None
+            and status.code == Status.UNAVAILABLE.value
+            and self._headers is None
+            and not abrupt
+        ):
+            # A close_stream before any headers: the tunnel server refused the
+            # stream at creation, having processed none of it, because it
+            # takes no new streams (it is shutting down).  Its pool should
+            # send no more calls there, and this one may go elsewhere.
+            self._tunnel.draining = True
+            if self._retry_elsewhere():
+                return
         self._end = (status, trailers)
         self._abrupt = abrupt
         if abrupt:
             self._inbox.clear()
         self._changed.set()
+
+    def _retry_elsewhere(self) -> bool:
+        """Start the call again on another tunnel of its pool (once).
+
+        Runs synchronously, from the refusing tunnel's event: the requests
+        sent so far are queued on the new stream at once, so the caller
+        notices nothing.  Not possible once the request outgrew
+        ``REPLAY_LIMIT`` or the pool has no other usable tunnel with room.
+        """
+        pick, replay = self._pick_another, self._replay
+        self._pick_another = self._replay = None
+        if pick is None or replay is None:
+            return False
+        tunnel = pick()
+        if tunnel is None or tunnel is self._tunnel or tunnel.full():
+            return False
+        timeout = None if self._deadline is None else self._deadline.time_remaining()
+        try:
+            stream_id = tunnel.open_stream(
+                self,  # type: ignore[arg-type]
+                self._name,
+                self._open_metadata,
+                self._cardinality,
+                timeout,
+            )
+        except (TunnelClosedError, MetadataError):
+            return False
+        self._tunnel.calls.pop(self._stream_id, None)
+        for data in replay:
+            tunnel.core.send_message(stream_id, data)
+        if self._end_done:
+            tunnel.core.half_close(stream_id)
+        tunnel.driver.wake()
+        self._tunnel = tunnel
+        self._stream_id = stream_id
+        self.peer = tunnel.carrier.peer
+        self._inbox.acknowledge = functools.partial(tunnel.acknowledge, stream_id)
+        return True
+
+    def _keep_for_replay(self, data: bytes) -> None:
+        replay = self._replay
+        if replay is not None:
+            self._replay_size += len(data)
+            if self._replay_size > REPLAY_LIMIT:
+                self._replay = self._pick_another = None
+            else:
+                replay.append(data)
 
     async def _wait_change(self) -> None:
         self._changed.clear()
@@ -205,11 +279,12 @@ class TunnelClientStream(
                 # than be refused (the deadline bounds the wait).
                 await self._tunnel.wait_for_room()
             timeout = None if self._deadline is None else self._deadline.time_remaining()
+            self._open_metadata = list(metadata.items())
             try:
                 self._stream_id = self._tunnel.open_stream(
                     self,  # type: ignore[arg-type]
                     self._name,
-                    list(metadata.items()),
+                    self._open_metadata,
                     self._cardinality,
                     timeout,
                 )
@@ -249,6 +324,7 @@ class TunnelClientStream(
                     raise status_error(status, self._status_details_codec)
                 return
             tunnel = self._tunnel
+            self._keep_for_replay(data)
             tunnel.core.send_message(self._stream_id, data)
             if end_stream:
                 tunnel.core.half_close(self._stream_id)

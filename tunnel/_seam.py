@@ -17,6 +17,10 @@ The touches, one line each (keep this list in step with the code):
 * ``protocol.Connection._connection`` (the ``h2`` connection), its
   ``ping()``, ``Connection.flush()``, and ``Connection.ping_ack_process``
   (called by grpclib for every PING ACK): an HTTP/2 PING and its answer.
+* ``Channel._protocol.connection._connection`` (the h2 connection of a
+  client channel), its ``open_outbound_streams`` and
+  ``remote_settings.max_concurrent_streams``: why an opening waits
+  (``http2_stream_limit_reached``).
 * ``protocol.Stream.send_data`` (``send_data``): write many tunnel frames in
   one block of DATA.
 * ``protocol.Stream.recv_data`` (``recv_data``), that is
@@ -54,6 +58,7 @@ __all__ = [
     "connection_is_lost",
     "http2_pinger",
     "http2_stream",
+    "http2_stream_limit_reached",
     "received_status_headers",
     "recv_data",
     "replace_server_mapping",
@@ -279,3 +284,23 @@ def received_status_headers(
     if headers is not None and any(name == "grpc-status" for name, _ in headers):
         return list(headers)
     return None
+
+
+def http2_stream_limit_reached(channel: object) -> int | None:
+    """The peer's limit of concurrent HTTP/2 streams, if ``channel`` is at it.
+
+    A grpclib ``Channel`` whose connection has as many streams open as the
+    server allows makes the next call wait, silently, until one ends
+    (``protocol.Stream.send_request`` catches h2's ``TooManyStreamsError``).
+    A tunnel is a stream that lasts, so an opening that times out there
+    should say why.  Relies on ``Channel._protocol`` (the ``H2Protocol`` of
+    the current connection), its ``connection._connection`` (the h2
+    connection), and h2's ``open_outbound_streams`` and
+    ``remote_settings.max_concurrent_streams``.
+    """
+    protocol = getattr(channel, "_protocol", None)
+    h2 = getattr(getattr(protocol, "connection", None), "_connection", None)
+    if h2 is None:
+        return None
+    limit = int(h2.remote_settings.max_concurrent_streams)
+    return limit if int(h2.open_outbound_streams) >= limit else None

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from types import TracebackType
 from typing import Any, TypeVar, cast
 
@@ -29,6 +29,7 @@ from ._carrier import StreamCarrier
 from ._client_stream import TunnelClientStream
 from ._client_tunnel import ClientTunnel
 from ._pb.tunnel_pb2 import ClientToServer, ServerToClient
+from ._seam import http2_stream_limit_reached
 from ._stats import TunnelStatistics
 from .errors import OpenTimeoutError
 from .options import TunnelOptions
@@ -44,6 +45,23 @@ NEGOTIATE_HEADER = "grpctunnel-negotiate"
 #: OpenTunnel, request headers of OpenReverseTunnel): how many streams it
 #: serves at once.  Peers that do not know it ignore it.
 MAX_STREAMS_HEADER = "grpclib-tunnel-max-streams"
+
+
+def opening_timed_out(what: str, timeout: float, step: str, channel: object) -> OpenTimeoutError:
+    """The error of an opening that did not finish in time, saying where it waited.
+
+    Waiting for "no connection" may mean the connection is at its limit of
+    concurrent HTTP/2 streams (each open tunnel holds one): say so.
+    """
+    message = f"could not open {what} within {timeout:g} s: {step}"
+    limit = http2_stream_limit_reached(channel) if step == "no connection" else None
+    if limit is not None:
+        message += (
+            f" (the connection is at the server's limit of {limit} concurrent HTTP/2"
+            f" streams, and each open tunnel holds one: use one connection per {limit}"
+            " tunnels, or raise the server's limit)"
+        )
+    return OpenTimeoutError(message)
 
 
 def announced_max_streams(headers: Any) -> int | None:
@@ -126,8 +144,13 @@ class TunnelChannel(grpclib.client.Channel):
         deadline: Deadline | None,
         metadata: _MetadataLike | None,
         dispatch: _DispatchChannelEvents,
+        pick_another: Callable[[], ClientTunnel | None] | None = None,
     ) -> TunnelClientStream[_SendType, _RecvType]:
-        """A call on this tunnel whose client events go to ``dispatch``."""
+        """A call on this tunnel whose client events go to ``dispatch``.
+
+        ``pick_another`` (from a pool) gives the call another tunnel if this
+        one refuses it before processing any of it.
+        """
         if timeout is not None:
             timeout_deadline = Deadline.from_timeout(timeout)
             deadline = timeout_deadline if deadline is None else min(deadline, timeout_deadline)
@@ -142,6 +165,7 @@ class TunnelChannel(grpclib.client.Channel):
             status_details_codec=self._status_details_codec,
             dispatch=dispatch,
             deadline=deadline,
+            pick_another=pick_another,
         )
 
     async def __connect__(self) -> Any:
@@ -253,9 +277,7 @@ class _OpenTunnel:
                 await stream.recv_initial_metadata()
         except TimeoutError:
             await _reset(stream)
-            raise OpenTimeoutError(
-                f"could not open the tunnel within {timeout:g} s: {step}"
-            ) from None
+            raise opening_timed_out("the tunnel", timeout, step, self._channel) from None
         except BaseException as exc:
             refusal = await _exit_after_failure(stream, exc)
             if refusal is not None:

@@ -46,8 +46,14 @@ from ._tasks import call_back
 from ._tunnel import as_status
 from ._typing import Servable
 from ._violations import end_carrying_call
-from .channel import MAX_STREAMS_HEADER, NEGOTIATE_HEADER, TunnelChannel, announced_max_streams
-from .errors import OpenTimeoutError, RemoteProtocolError, TunnelClosedError
+from .channel import (
+    MAX_STREAMS_HEADER,
+    NEGOTIATE_HEADER,
+    TunnelChannel,
+    announced_max_streams,
+    opening_timed_out,
+)
+from .errors import RemoteProtocolError, TunnelClosedError
 from .fallback import Fallback, with_fallback
 from .options import TunnelOptions
 
@@ -197,7 +203,13 @@ class ReverseChannel(grpclib.client.Channel):
             deadline=deadline,
             metadata=metadata,
             dispatch=self.__dispatch__,
+            pick_another=self._pick_tunnel,
         )
+
+    def _pick_tunnel(self) -> ClientTunnel | None:
+        """The next usable tunnel of the pool, for a call its first one refused."""
+        channel = self._pools.pick(self._key)
+        return None if channel is None else channel._tunnel
 
     async def __connect__(self) -> Any:
         raise RuntimeError("a ReverseChannel has no connection of its own")
@@ -445,9 +457,7 @@ class ReverseTunnelServer:
                 step = "no response headers"
                 await self._unless_closed(stream.recv_initial_metadata)
         except TimeoutError:
-            raise OpenTimeoutError(
-                f"could not open the reverse tunnel within {timeout:g} s: {step}"
-            ) from None
+            raise opening_timed_out("the reverse tunnel", timeout, step, self._channel) from None
         response_md: MultiDict[Any] = MultiDict(stream.initial_metadata or ())
         self.response_metadata = response_md
         channel = self._channel

@@ -11,7 +11,10 @@ import asyncio
 import contextlib
 from typing import Any
 
+import grpclib.client
 import pytest
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
 
 import tunnel
 from tests.integration.support import (
@@ -85,3 +88,27 @@ async def test_closing_the_outer_tunnel_ends_the_inner_one() -> None:
             assert inner.closed
         finally:
             await inner.aclose()
+
+
+async def test_errors_through_ten_levels_keep_the_innermost_message() -> None:
+    """The connection under ten tunnels is lost: the innermost call's message
+    names the cause once, instead of growing a prefix (and a repr) per level."""
+    depth = 10
+    async with asyncio.timeout(TEST_TIMEOUT), serving([nested_handler(depth, options())]) as served:
+        direct = grpclib.client.Channel("127.0.0.1", served.port)
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                channel: grpclib.client.Channel = direct
+                for _ in range(depth):
+                    channel = await stack.enter_async_context(tunnel.open_tunnel(channel))
+                await all_kinds(channel)
+                direct.close()
+                with pytest.raises(GRPCError) as exc_info:
+                    await all_kinds(channel)
+                error = exc_info.value
+                assert error.status is Status.UNAVAILABLE
+                assert error.message is not None
+                assert error.message.count("tunnel closed") == 1, error.message
+                assert len(error.message) < 100, error.message
+        finally:
+            direct.close()
