@@ -20,7 +20,7 @@ SRC_DIRS := $(wildcard tunnel tests examples benchmarks .ci)
 GEN_PATHS := tunnel/_pb/__init__.py tunnel/_pb/tunnel_pb2.py tunnel/_pb/tunnel_pb2.pyi \
 	tunnel/testing/_pb tests/stubs/bp2 tests/stubs/pb
 
-.PHONY: help install proto proto-check lint typecheck test check install-check demo bench
+.PHONY: help install proto proto-check lint typecheck test check install-check test-newest-grpclib demo bench
 
 help:
 	@echo "make install      create $(VENV) and install the package with its dev and testing extras"
@@ -31,6 +31,7 @@ help:
 	@echo "make test         the whole test suite"
 	@echo "make check        lint, typecheck, proto-check and test"
 	@echo "make install-check build the wheel, pip install it into a fresh venv, run one forward and one reverse call"
+	@echo "make test-newest-grpclib  the suite again, against the newest grpclib release (ignoring our pin)"
 	@echo "make demo         run the demo (python -m tunnel.demo)"
 	@echo "make bench        run the benchmarks (python -m benchmarks)"
 
@@ -135,6 +136,18 @@ check: lint typecheck proto-check test
 # .ci/install_check.py there with `python -I` from outside the source tree.
 # The build log is shown only when the build fails; the temporary directory
 # (sdist, wheel, virtualenv) is removed however it ends.
+# The suite against the newest grpclib on the index, whatever our pin allows:
+# every touch of grpclib's internals is in tunnel/_seam.py and checked by
+# tests/seam/, so a release that moves one fails here, by name, before users
+# meet it.  A virtualenv of its own, so .venv keeps the pinned release.
+NEWEST_VENV := .venv-newest-grpclib
+test-newest-grpclib:
+	[ -x $(NEWEST_VENV)/bin/python ] || python3 -m venv $(NEWEST_VENV)
+	$(NEWEST_VENV)/bin/python -m pip install $(PIP_FLAGS) -e '.[dev,testing]'
+	$(NEWEST_VENV)/bin/python -m pip install $(PIP_FLAGS) --upgrade --no-deps grpclib
+	$(NEWEST_VENV)/bin/python -c 'import importlib.metadata as m; print("grpclib", m.version("grpclib"))'
+	$(NEWEST_VENV)/bin/python -m pytest -q -p no:cacheprovider
+
 install-check:
 	tmp=$$(mktemp -d)
 	trap 'rm -rf "$$tmp"' EXIT

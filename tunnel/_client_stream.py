@@ -26,14 +26,14 @@ import grpclib.client
 from google.rpc.status_pb2 import Status as StatusProto
 from grpclib.const import Cardinality, Status
 from grpclib.encoding.base import CodecBase, StatusDetailsCodecBase
-from grpclib.events import _DispatchChannelEvents
 from grpclib.exceptions import GRPCError, ProtocolError
-from grpclib.metadata import Deadline, _Metadata, encode_metadata
+from grpclib.metadata import Deadline, encode_metadata
 from grpclib.utils import DeadlineWrapper, Wrapper
 from multidict import MultiDict
 
 from ._core.metadata import MetadataPairs
 from ._inbox import Inbox
+from ._seam import ChannelEvents, Metadata, deadline_passed
 from .errors import MetadataError, TunnelClosedError
 
 if TYPE_CHECKING:
@@ -66,7 +66,7 @@ class _DeadlineWrapper(DeadlineWrapper):
         exc_val: BaseException | None,
         exc_tb: TracebackType | None,
     ) -> None:
-        ours = self._error is not None and exc_type is asyncio.CancelledError
+        ours = deadline_passed(self) and exc_type is asyncio.CancelledError
         task = asyncio.current_task()
         try:
             super().__exit__(exc_type, exc_val, exc_tb)
@@ -101,14 +101,14 @@ class TunnelClientStream(
         self,
         tunnel: ClientTunnel | Callable[[], Awaitable[ClientTunnel]],
         name: str,
-        metadata: _Metadata,
+        metadata: Metadata,
         cardinality: Cardinality,
         send_type: type[_SendType],
         recv_type: type[_RecvType],
         *,
         codec: CodecBase,
         status_details_codec: StatusDetailsCodecBase | None,
-        dispatch: _DispatchChannelEvents,
+        dispatch: ChannelEvents,
         deadline: Deadline | None = None,
         pick_another: Callable[[], ClientTunnel | None] | None = None,
     ) -> None:

@@ -32,14 +32,14 @@ from typing import Any, TypeVar, cast
 import grpclib.client
 from grpclib.const import Cardinality, Status
 from grpclib.encoding.proto import ProtoCodec, ProtoStatusDetailsCodec
-from grpclib.events import _DispatchChannelEvents
 from grpclib.exceptions import GRPCError
-from grpclib.metadata import Deadline, _Metadata, _MetadataLike
+from grpclib.metadata import Deadline
 from multidict import MultiDict
 
 from ._client_stream import TunnelClientStream
 from ._client_tunnel import ClientTunnel
 from ._retry import PERMANENT_STATUSES, MetadataSource, Retry, check_callback, resolve_metadata
+from ._seam import Metadata, MetadataLike, become_channel, channel_codecs
 from ._tasks import call_back, cancel_and_wait
 from ._tunnel import describe
 from .channel import TunnelChannel, open_tunnel
@@ -100,12 +100,12 @@ class ReconnectingTunnelChannel(grpclib.client.Channel):
             permanent_attempts=permanent_attempts,
         )
         self._on_tunnel_open = on_tunnel_open
-        self._codec = getattr(channel, "_codec", None) or ProtoCodec()
-        self._status_details_codec = (
-            getattr(channel, "_status_details_codec", None) or ProtoStatusDetailsCodec()
+        codec, status_details_codec = channel_codecs(channel)
+        self.__dispatch__ = become_channel(
+            self,
+            codec=codec or ProtoCodec(),
+            status_details_codec=status_details_codec or ProtoStatusDetailsCodec(),
         )
-        self.__dispatch__ = _DispatchChannelEvents()
-        self._protocol = None
         self._phase = _State.IDLE
         self._current: TunnelChannel | None = None
         self._changed = asyncio.Event()
@@ -182,7 +182,7 @@ class ReconnectingTunnelChannel(grpclib.client.Channel):
         *,
         timeout: float | None = None,
         deadline: Deadline | None = None,
-        metadata: _MetadataLike | None = None,
+        metadata: MetadataLike | None = None,
     ) -> TunnelClientStream[_SendType, _RecvType]:
         if timeout is not None:
             timeout_deadline = Deadline.from_timeout(timeout)
@@ -190,7 +190,7 @@ class ReconnectingTunnelChannel(grpclib.client.Channel):
         return TunnelClientStream(
             self._acquire,
             name,
-            cast(_Metadata, MultiDict(metadata or ())),
+            cast(Metadata, MultiDict(metadata or ())),
             cardinality,
             request_type,
             reply_type,

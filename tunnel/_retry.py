@@ -31,8 +31,9 @@ from typing import Any, TypeAlias
 
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
-from grpclib.metadata import _MetadataLike
 from multidict import MultiDict
+
+from ._seam import MetadataLike
 
 __all__ = ["PERMANENT_STATUSES", "MetadataSource", "Retry", "check_callback", "resolve_metadata"]
 
@@ -43,7 +44,7 @@ PERMANENT_STATUSES: frozenset[Status] = frozenset(
 
 #: Metadata, or a callable (plain or async) that returns it for each attempt.
 MetadataSource: TypeAlias = (
-    _MetadataLike | Callable[[], _MetadataLike | Awaitable[_MetadataLike]] | None
+    MetadataLike | Callable[[], MetadataLike | Awaitable[MetadataLike]] | None
 )
 
 

@@ -9,6 +9,24 @@ assumed.
 
 The touches, one line each (keep this list in step with the code):
 
+* ``grpclib.metadata._Metadata`` / ``_MetadataLike`` (``Metadata``,
+  ``MetadataLike``): the metadata types grpclib's own signatures use.
+* ``grpclib.events._DispatchChannelEvents`` / ``_DispatchServerEvents``
+  (``ChannelEvents``, ``ServerEvents``): what ``grpclib.events.listen``
+  finds in ``target.__dispatch__``, so that grpclib's events fire for
+  tunneled calls as for direct ones.
+* ``Channel._codec``, ``_status_details_codec``, ``_protocol`` and
+  ``__dispatch__`` (``become_channel``, ``channel_codecs``): our channels
+  subclass ``grpclib.client.Channel`` without its ``__init__`` (they have no
+  connection), and set what grpclib reads; a user's channel's codecs are
+  reused by tunnels opened over it.
+* ``grpclib.client.Stream`` and ``grpclib.server.Stream`` subclassed
+  without their ``__init__`` (``TunnelClientStream``, ``TunnelServerStream``):
+  every public method is overridden, so none of grpclib's runs on them;
+  ``tests/seam/`` checks that no public method is left to grpclib.
+* ``DeadlineWrapper._error`` (``deadline_passed``): whether grpclib's
+  deadline wrapper is the one that cancelled a task.
+
 * ``Stream._stream`` (client and server): the HTTP/2 stream under a call,
   and through it ``.connection`` (grpclib's ``protocol.Connection``) and
   ``._transport`` (the asyncio transport).
@@ -46,16 +64,26 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpclib.client
+import grpclib.events
+import grpclib.metadata
 import grpclib.protocol
 import grpclib.server
+import grpclib.utils
 from grpclib.const import Handler
-from grpclib.encoding.base import StatusDetailsCodecBase
+from grpclib.encoding.base import CodecBase, StatusDetailsCodecBase
 
 __all__ = [
+    "ChannelEvents",
     "DataTruncated",
+    "Metadata",
+    "MetadataLike",
+    "ServerEvents",
     "abort_connection",
+    "become_channel",
     "call_wrapper",
+    "channel_codecs",
     "connection_is_lost",
+    "deadline_passed",
     "http2_pinger",
     "http2_stream",
     "http2_stream_limit_reached",
@@ -65,6 +93,57 @@ __all__ = [
     "send_data",
     "use_status_details_codec",
 ]
+
+
+# -- names grpclib keeps private ------------------------------------------------
+
+#: Metadata as grpclib hands it around (a ``MultiDict``), and what it accepts.
+Metadata = grpclib.metadata._Metadata
+MetadataLike = grpclib.metadata._MetadataLike
+#: The event dispatchers ``grpclib.events.listen(target, ...)`` adds
+#: listeners to, found in ``target.__dispatch__``.
+ChannelEvents = grpclib.events._DispatchChannelEvents
+ServerEvents = grpclib.events._DispatchServerEvents
+
+
+def become_channel(
+    channel: grpclib.client.Channel,
+    *,
+    codec: CodecBase,
+    status_details_codec: StatusDetailsCodecBase | None,
+) -> ChannelEvents:
+    """Set what grpclib reads of a ``Channel`` on one made without ``__init__``.
+
+    Our channels have no connection of their own, so they skip
+    ``Channel.__init__`` (which would set up a host, a port and an event
+    loop).  grpclib still reads a few attributes of any channel:
+    ``__dispatch__`` (``grpclib.events.listen``), ``_protocol``
+    (``Channel.close`` and ``__del__``: None, no connection), and the
+    codecs stubs' calls are made with.  Returns the event dispatcher.
+    """
+    dispatch = ChannelEvents()
+    channel.__dispatch__ = dispatch
+    channel._codec = codec
+    channel._status_details_codec = status_details_codec
+    channel._protocol = None
+    return dispatch
+
+
+def channel_codecs(
+    channel: grpclib.client.Channel,
+) -> tuple[CodecBase | None, StatusDetailsCodecBase | None]:
+    """The codecs a channel was made with, for a tunnel opened over it."""
+    return getattr(channel, "_codec", None), getattr(channel, "_status_details_codec", None)
+
+
+def deadline_passed(wrapper: grpclib.utils.Wrapper) -> bool:
+    """True once grpclib's ``DeadlineWrapper`` cancelled its tasks.
+
+    It records why in its private ``_error`` (the ``TimeoutError`` it will
+    raise); a cancellation that comes with it is the deadline's, not the
+    caller's.
+    """
+    return getattr(wrapper, "_error", None) is not None
 
 
 def _connection(call: Any) -> Any:

@@ -17,13 +17,13 @@ import grpclib.server
 from google.rpc.status_pb2 import Status as StatusProto
 from grpclib.const import Cardinality, Status
 from grpclib.encoding.base import CodecBase, StatusDetailsCodecBase
-from grpclib.events import _DispatchServerEvents
 from grpclib.exceptions import ProtocolError, StreamTerminatedError
-from grpclib.metadata import Deadline, _Metadata, _MetadataLike, encode_metadata
+from grpclib.metadata import Deadline, encode_metadata
 from grpclib.protocol import Peer
 from multidict import MultiDict
 
 from ._inbox import Inbox
+from ._seam import Metadata, MetadataLike, ServerEvents
 
 if TYPE_CHECKING:
     from ._server_tunnel import ServerTunnel
@@ -54,9 +54,9 @@ class TunnelServerStream(
         *,
         codec: CodecBase,
         status_details_codec: StatusDetailsCodecBase | None,
-        dispatch: _DispatchServerEvents,
+        dispatch: ServerEvents,
         deadline: Deadline | None,
-        metadata: _Metadata,
+        metadata: Metadata,
         user_agent: str | None,
         peer: Peer | None,
     ) -> None:
@@ -122,7 +122,7 @@ class TunnelServerStream(
 
     # -- sending -----------------------------------------------------------------
 
-    async def send_initial_metadata(self, *, metadata: _MetadataLike | None = None) -> None:
+    async def send_initial_metadata(self, *, metadata: MetadataLike | None = None) -> None:
         if self._send_initial_metadata_done:
             raise ProtocolError("Initial metadata was already sent")
         md: MultiDict[Any] = MultiDict(metadata or ())
@@ -151,7 +151,7 @@ class TunnelServerStream(
         status: Status = Status.OK,
         status_message: str | None = None,
         status_details: Any = None,
-        metadata: _MetadataLike | None = None,
+        metadata: MetadataLike | None = None,
     ) -> None:
         if self._send_trailing_metadata_done:
             raise ProtocolError("Trailing metadata was already sent")

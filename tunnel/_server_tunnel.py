@@ -26,9 +26,8 @@ from typing import Any, cast
 from google.rpc.status_pb2 import Status as StatusProto
 from grpclib.const import Handler, Status
 from grpclib.encoding.base import CodecBase, StatusDetailsCodecBase
-from grpclib.events import _DispatchServerEvents
 from grpclib.exceptions import GRPCError
-from grpclib.metadata import Deadline, _Metadata
+from grpclib.metadata import Deadline
 from grpclib.protocol import Peer
 from grpclib.utils import DeadlineWrapper, Wrapper
 from multidict import MultiDict
@@ -37,6 +36,7 @@ from ._core.events import DataReceived, Event, HalfClosed, StreamOpened, StreamR
 from ._core.metadata import MetadataError
 from ._core.server import TunnelServerProtocol
 from ._pb.tunnel_pb2 import ClientToServer, ServerToClient
+from ._seam import Metadata, ServerEvents
 from ._server_stream import TunnelServerStream
 from ._tasks import cancel_and_wait
 from ._tunnel import Carrier, Ending, Tunnel
@@ -92,7 +92,7 @@ class ServerTunnel(Tunnel[ClientToServer, ServerToClient]):
         mapping: Mapping[str, Handler],
         *,
         info: TunnelInfo,
-        dispatch: _DispatchServerEvents,
+        dispatch: ServerEvents,
         codec: CodecBase,
         status_details_codec: StatusDetailsCodecBase | None,
         options: TunnelOptions,
@@ -212,7 +212,7 @@ class ServerTunnel(Tunnel[ClientToServer, ServerToClient]):
             status_details_codec=self._status_details_codec,
             dispatch=self._dispatch,
             deadline=deadline,
-            metadata=cast(_Metadata, MultiDict(event.metadata)),
+            metadata=cast(Metadata, MultiDict(event.metadata)),
             user_agent=self._user_agent,
             peer=self._info.peer,
         )

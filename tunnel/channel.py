@@ -19,9 +19,8 @@ import grpclib.client
 from grpclib.const import Cardinality
 from grpclib.encoding.base import CodecBase, StatusDetailsCodecBase
 from grpclib.encoding.proto import ProtoCodec, ProtoStatusDetailsCodec
-from grpclib.events import _DispatchChannelEvents
 from grpclib.exceptions import GRPCError, StreamTerminatedError
-from grpclib.metadata import Deadline, _Metadata, _MetadataLike
+from grpclib.metadata import Deadline
 from grpclib.protocol import Peer
 from multidict import MultiDict
 
@@ -29,7 +28,14 @@ from ._carrier import StreamCarrier
 from ._client_stream import TunnelClientStream
 from ._client_tunnel import ClientTunnel
 from ._pb.tunnel_pb2 import ClientToServer, ServerToClient
-from ._seam import http2_stream_limit_reached
+from ._seam import (
+    ChannelEvents,
+    Metadata,
+    MetadataLike,
+    become_channel,
+    channel_codecs,
+    http2_stream_limit_reached,
+)
 from ._stats import TunnelStatistics
 from .errors import OpenTimeoutError
 from .options import TunnelOptions
@@ -86,12 +92,13 @@ class TunnelChannel(grpclib.client.Channel):
         status_details_codec: StatusDetailsCodecBase | None = None,
     ) -> None:
         self._tunnel = tunnel
-        self._codec = codec or ProtoCodec()
-        self._status_details_codec = status_details_codec or ProtoStatusDetailsCodec()
-        self.__dispatch__ = _DispatchChannelEvents()
+        self.__dispatch__ = become_channel(
+            self,
+            codec=codec or ProtoCodec(),
+            status_details_codec=status_details_codec or ProtoStatusDetailsCodec(),
+        )
         #: The metadata the tunnel was opened with.
         self.metadata = metadata
-        self._protocol = None
 
     @property
     def peer(self) -> Peer | None:
@@ -120,7 +127,7 @@ class TunnelChannel(grpclib.client.Channel):
         *,
         timeout: float | None = None,
         deadline: Deadline | None = None,
-        metadata: _MetadataLike | None = None,
+        metadata: MetadataLike | None = None,
     ) -> TunnelClientStream[_SendType, _RecvType]:
         return self._call(
             name,
@@ -142,8 +149,8 @@ class TunnelChannel(grpclib.client.Channel):
         *,
         timeout: float | None,
         deadline: Deadline | None,
-        metadata: _MetadataLike | None,
-        dispatch: _DispatchChannelEvents,
+        metadata: MetadataLike | None,
+        dispatch: ChannelEvents,
         pick_another: Callable[[], ClientTunnel | None] | None = None,
     ) -> TunnelClientStream[_SendType, _RecvType]:
         """A call on this tunnel whose client events go to ``dispatch``.
@@ -157,7 +164,7 @@ class TunnelChannel(grpclib.client.Channel):
         return TunnelClientStream(
             self._tunnel,
             name,
-            cast(_Metadata, MultiDict(metadata or ())),
+            cast(Metadata, MultiDict(metadata or ())),
             cardinality,
             request_type,
             reply_type,
@@ -239,7 +246,7 @@ class _OpenTunnel:
     def __init__(
         self,
         channel: grpclib.client.Channel,
-        metadata: _MetadataLike | None,
+        metadata: MetadataLike | None,
         options: TunnelOptions,
     ) -> None:
         self._channel = channel
@@ -294,11 +301,12 @@ class _OpenTunnel:
         # On failure or cancellation, start() has ended the tunnel, and the
         # carrying call with it.
         await tunnel.start(max(deadline - loop.time(), 0.0))
+        codec, status_details_codec = channel_codecs(self._channel)
         self._tunnel_channel = TunnelChannel(
             tunnel,
             metadata=self._metadata,
-            codec=getattr(self._channel, "_codec", None),
-            status_details_codec=getattr(self._channel, "_status_details_codec", None),
+            codec=codec,
+            status_details_codec=status_details_codec,
         )
         return self._tunnel_channel
 
@@ -353,7 +361,7 @@ async def _reset(stream: grpclib.client.Stream[Any, Any]) -> None:
 def open_tunnel(
     channel: grpclib.client.Channel,
     *,
-    metadata: _MetadataLike | None = None,
+    metadata: MetadataLike | None = None,
     options: TunnelOptions | None = None,
 ) -> _OpenTunnel:
     """Open a forward tunnel over ``channel`` (any grpclib Channel).

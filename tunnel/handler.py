@@ -17,14 +17,13 @@ from typing import Any
 import grpclib.server
 from grpclib.const import Cardinality, Handler, Status
 from grpclib.encoding.proto import ProtoCodec, ProtoStatusDetailsCodec
-from grpclib.events import _DispatchServerEvents
 from grpclib.exceptions import GRPCError
 from multidict import MultiDict
 
 from ._carrier import StreamCarrier
 from ._pb.tunnel_pb2 import ClientToServer, ServerToClient
 from ._retry import check_callback
-from ._seam import http2_pinger
+from ._seam import ServerEvents, http2_pinger
 from ._server_tunnel import ServerTunnel, TunnelInfo
 from ._stats import TunnelStatistics
 from ._typing import Servable
@@ -81,7 +80,7 @@ class TunnelServiceHandler:
         self._mapping = with_fallback(mapping, fallback)
         self._fallback = fallback
         self._options = options or TunnelOptions()
-        self.__dispatch__ = _DispatchServerEvents()
+        self.__dispatch__ = ServerEvents()
         self._codec = ProtoCodec()
         self._status_details_codec = ProtoStatusDetailsCodec()
         self._tunnels: set[ServerTunnel] = set()

@@ -28,9 +28,8 @@ import grpclib.server
 from google.protobuf.empty_pb2 import Empty
 from grpclib.const import Cardinality, Handler, Status
 from grpclib.encoding.proto import ProtoCodec, ProtoStatusDetailsCodec
-from grpclib.events import _DispatchChannelEvents, _DispatchServerEvents
 from grpclib.exceptions import GRPCError, StreamTerminatedError
-from grpclib.metadata import Deadline, _MetadataLike
+from grpclib.metadata import Deadline
 from multidict import MultiDict
 
 from ._carrier import StreamCarrier
@@ -39,7 +38,7 @@ from ._client_tunnel import ClientTunnel
 from ._core.connection import KEEPALIVE_METHOD
 from ._pb.tunnel_pb2 import ClientToServer, ServerToClient
 from ._retry import PERMANENT_STATUSES, MetadataSource, Retry, check_callback, resolve_metadata
-from ._seam import connection_is_lost
+from ._seam import MetadataLike, ServerEvents, become_channel, connection_is_lost
 from ._server_tunnel import ServerTunnel, TunnelInfo
 from ._stats import TunnelStatistics
 from ._tasks import call_back
@@ -167,10 +166,9 @@ class ReverseChannel(grpclib.client.Channel):
         self._pools = pools
         self._key = key
         self._description = description
-        self._codec = ProtoCodec()
-        self._status_details_codec = ProtoStatusDetailsCodec()
-        self.__dispatch__ = _DispatchChannelEvents()
-        self._protocol = None
+        self.__dispatch__ = become_channel(
+            self, codec=ProtoCodec(), status_details_codec=ProtoStatusDetailsCodec()
+        )
 
     def is_ready(self) -> bool:
         """True if a call made now has a tunnel to go to."""
@@ -189,7 +187,7 @@ class ReverseChannel(grpclib.client.Channel):
         *,
         timeout: float | None = None,
         deadline: Deadline | None = None,
-        metadata: _MetadataLike | None = None,
+        metadata: MetadataLike | None = None,
     ) -> TunnelClientStream[_SendType, _RecvType]:
         channel = self._pools.pick(self._key)
         if channel is None:
@@ -375,7 +373,7 @@ class ReverseTunnelServer:
         # With a fallback, every other method the network server sends goes to it.
         self._mapping: Mapping[str, Handler] = with_fallback(mapping, fallback)
         self._options = options or TunnelOptions()
-        self.__dispatch__ = _DispatchServerEvents()
+        self.__dispatch__ = ServerEvents()
         self._codec = ProtoCodec()
         self._status_details_codec = ProtoStatusDetailsCodec()
         self._tunnels: set[ServerTunnel] = set()
