@@ -1,0 +1,132 @@
+"""Handlers written as trio code, served by the asyncio layer.
+
+A servable (what a ``grpclib.server.Server`` takes: grpclib-generated bases,
+betterproto and betterproto2 services) is turned into one whose every
+handler runs as a trio task (``trio_as_aio``): one crossing per call, at its
+start.  Inside, the handler awaits its stream the trio way (see
+``_streams``).  Cancelling the call (the client's reset, its deadline, the
+end of the tunnel) cancels the trio task; a trio handler's own cancel
+scopes, nurseries and locks are its business.
+
+A handler served directly by grpclib (not through a tunnel) gets grpclib's
+own stream, whose waits are asyncio's: there each stream operation is one
+crossing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Collection, Mapping
+from typing import Any
+
+import grpclib.server
+from grpclib._typing import IServable
+from grpclib.const import Handler
+
+from .._server_stream import TunnelServerStream
+from ._bridge import hop, trio_flavoured
+from ._streams import prepare_server_stream
+
+__all__ = ["AsyncioHandlers", "TrioHandlers", "asyncio_handlers", "trio_handlers"]
+
+
+class _HoppingServerStream:
+    """grpclib's server ``Stream``, each operation one crossing into asyncio."""
+
+    def __init__(self, stream: grpclib.server.Stream[Any, Any]) -> None:
+        self._stream = stream
+
+    async def recv_message(self) -> Any:
+        return await hop(self._stream.recv_message)
+
+    async def send_initial_metadata(self, **kwargs: Any) -> None:
+        await hop(self._stream.send_initial_metadata, **kwargs)
+
+    async def send_message(self, message: Any) -> None:
+        await hop(self._stream.send_message, message)
+
+    async def send_trailing_metadata(self, **kwargs: Any) -> None:
+        await hop(self._stream.send_trailing_metadata, **kwargs)
+
+    async def cancel(self) -> None:
+        await hop(self._stream.cancel)
+
+    def __aiter__(self) -> _HoppingServerStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        message = await self.recv_message()
+        if message is None:
+            raise StopAsyncIteration
+        return message
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def _trio_handler(func: Callable[[Any], Awaitable[None]]) -> Callable[[Any], Awaitable[None]]:
+    in_trio_task = trio_flavoured(func)
+
+    async def handle(stream: Any) -> None:
+        if isinstance(stream, TunnelServerStream):
+            prepare_server_stream(stream)
+            await in_trio_task(stream)
+        else:
+            await in_trio_task(_HoppingServerStream(stream))
+
+    return handle
+
+
+class TrioHandlers:
+    """Servables whose handlers are trio code, ready for the asyncio layer."""
+
+    def __init__(self, servables: Collection[IServable]) -> None:
+        self._servables = list(servables)
+
+    def __mapping__(self) -> Mapping[str, Handler]:
+        mapping: dict[str, Handler] = {}
+        for servable in self._servables:
+            for name, handler in servable.__mapping__().items():
+                mapping[name] = Handler(
+                    _trio_handler(handler.func),
+                    handler.cardinality,
+                    handler.request_type,
+                    handler.reply_type,
+                )
+        return mapping
+
+
+class AsyncioHandlers:
+    """Servables whose handlers are asyncio code (grpclib's Health, say): as they are."""
+
+    def __init__(self, servables: Collection[IServable]) -> None:
+        self._servables = list(servables)
+
+    def __mapping__(self) -> Mapping[str, Handler]:
+        mapping: dict[str, Handler] = {}
+        for servable in self._servables:
+            mapping.update(servable.__mapping__())
+        return mapping
+
+
+def asyncio_handlers(*servables: IServable) -> AsyncioHandlers:
+    """Mark servables as asyncio code, to serve them unchanged beside trio ones."""
+    return AsyncioHandlers(servables)
+
+
+def trio_handlers(servables: Collection[Any]) -> list[IServable]:
+    """``servables`` for the asyncio layer: trio code wrapped, the rest as is.
+
+    Already-bridged objects (``asyncio_handlers(...)``, this module's
+    ``TunnelServiceHandler``, anything with an ``aio_servable``) pass
+    unchanged; every other servable is trio code.
+    """
+    result: list[IServable] = []
+    for servable in servables:
+        bridged = getattr(servable, "aio_servable", None)
+        if bridged is not None:
+            result.append(bridged)
+        elif isinstance(servable, AsyncioHandlers | TrioHandlers):
+            result.append(servable)
+        else:
+            result.append(TrioHandlers([servable]))
+    return result

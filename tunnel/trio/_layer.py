@@ -1,0 +1,86 @@
+"""Every place the trio layer reaches into the asyncio layer's private parts.
+
+The trio layer drives tunneled calls from trio tasks without a crossing per
+operation (see ``_bridge``).  For that it builds call streams itself and
+lets them wait the trio way, which needs a few attributes the asyncio layer
+keeps private.  Each such touch is a small function here, so a change in
+the asyncio layer breaks here, by name, and nowhere else;
+``tests/trio/test_layer.py`` checks that each still exists.
+
+The touches, one line each (keep this list in step with the code):
+
+* ``TunnelChannel``: ``_tunnel``, ``_codec``, ``_status_details_codec``
+  (to build a call on it); ``ClientTunnel.options``.
+* ``ReverseChannel``: ``_pools.pick(_key)`` and ``_description`` (which
+  tunnel a call goes to, and the UNAVAILABLE message when there is none).
+* ``ClientTunnel.driver`` / ``ServerTunnel.driver`` and ``.core``: queue a
+  frame, wake the writer, read how much a stream has queued; and
+  ``_driver.SEND_BUFFER``, the amount past which a sender waits.
+* ``TunnelServerStream._changed`` and ``._tunnel``: the event a tunneled
+  handler waits on, and the tunnel it sends through.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
+
+from .._driver import SEND_BUFFER, Driver
+from .._server_stream import TunnelServerStream
+from ..channel import TunnelChannel
+from ..reverse import ReverseChannel
+
+__all__ = [
+    "call_parts",
+    "close_timeout",
+    "pick_reverse",
+    "queued_within_buffer",
+    "server_stream_parts",
+    "set_server_stream_parts",
+]
+
+
+def call_parts(channel: TunnelChannel) -> tuple[Any, Any, Any]:
+    """The tunnel, codec and status-details codec a call on ``channel`` uses."""
+    return channel._tunnel, channel._codec, channel._status_details_codec
+
+
+def close_timeout(channel: TunnelChannel) -> float:
+    """How long the tunnel gives its peer to end the carrying call."""
+    timeout: float = channel._tunnel.options.close_timeout
+    return timeout
+
+
+def pick_reverse(channel: ReverseChannel) -> TunnelChannel:
+    """The reverse tunnel the next call goes to (round-robin), or UNAVAILABLE.
+
+    Same choice and same error as ``ReverseChannel.request``.
+    """
+    picked = channel._pools.pick(channel._key)
+    if picked is None:
+        raise GRPCError(Status.UNAVAILABLE, f"no reverse tunnel {channel._description}")
+    return picked
+
+
+def queued_within_buffer(driver: Driver[Any, Any], stream_id: int) -> bool:
+    """True if a sender on this stream need not wait for the writer now.
+
+    The same test ``Driver.flushed`` starts with; only past it does a trio
+    sender cross over to wait in asyncio.
+    """
+    return driver.core.buffered_message_bytes(stream_id) <= SEND_BUFFER
+
+
+def server_stream_parts(stream: TunnelServerStream[Any, Any]) -> tuple[Any, Any]:
+    """The change event and the tunnel of a tunneled handler's stream."""
+    return stream._changed, stream._tunnel
+
+
+def set_server_stream_parts(
+    stream: TunnelServerStream[Any, Any], changed: Any, tunnel: Any
+) -> None:
+    """Give a tunneled handler's stream a trio-waitable event and tunnel view."""
+    stream._changed = changed
+    stream._tunnel = tunnel
