@@ -20,7 +20,7 @@ flavour that awaits it.
 from __future__ import annotations
 
 from types import TracebackType
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 import trio
 from grpclib.metadata import Deadline
@@ -30,6 +30,9 @@ from .._driver import Driver
 from .._server_stream import TunnelServerStream
 from . import _layer
 from ._bridge import Signal, hop, in_trio
+
+if TYPE_CHECKING:
+    from .._client_tunnel import ClientTunnel
 
 __all__ = ["TrioClientStream", "prepare_server_stream"]
 
@@ -131,7 +134,8 @@ class TrioClientStream(TunnelClientStream[_SendType, _RecvType], Generic[_SendTy
     """A tunneled call (grpclib's client ``Stream`` API) for trio tasks."""
 
     def __init__(self, tunnel: Any, *args: Any, **kwargs: Any) -> None:
-        super().__init__(_ClientTunnelView(tunnel), *args, **kwargs)
+        # The view stands for the ClientTunnel: same attributes, trio-aware waits.
+        super().__init__(cast("ClientTunnel", _ClientTunnelView(tunnel)), *args, **kwargs)
         self._changed = Signal()  # type: ignore[assignment]
 
     async def __aenter__(self) -> TrioClientStream[_SendType, _RecvType]:
