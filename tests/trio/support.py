@@ -38,6 +38,7 @@ def device_key(channel: Any) -> Hashable:
 class Seen:
     """What a trio handler saw, for the test to check from outside."""
 
+    received: trio.Event = field(default_factory=trio.Event)
     started: trio.Event = field(default_factory=trio.Event)
     cancelled: trio.Event = field(default_factory=trio.Event)
     finished: trio.Event = field(default_factory=trio.Event)
@@ -64,6 +65,7 @@ class TrioTestService(test_grpc.TestServiceBase):
         request = await stream.recv_message()
         assert request is not None
         self.seen.metadata.append(dict(stream.metadata or {}))
+        self.seen.received.set()
         if request.payload == b"block":
             self.seen.started.set()
             try:

@@ -1,0 +1,206 @@
+"""A trio device serving trio handlers over reverse tunnels; a trio router calling it.
+
+Both ends are trio programs on ``tunnel.trio``: the router runs ``serve``
+with a ``TunnelServiceHandler`` that pools reverse tunnels by ``device-id``
+and calls devices through ``key_as_channel``; the device runs
+``ReverseTunnelServer.serve_forever`` in a nursery.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import trio
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
+
+import tunnel.trio
+from tests.stubs.pb import test_grpc, test_pb2
+from tests.trio.support import (
+    DEVICE_KEY,
+    TIMEOUT,
+    TrioTestService,
+    device,
+    grpclib_channel,
+    network_server,
+)
+
+Message = test_pb2.Message
+
+
+async def test_router_calls_trio_handlers_on_a_device() -> None:
+    kitchen = TrioTestService("kitchen")
+    async with (
+        network_server() as router,
+        device(router.port, [kitchen], "kitchen"),
+    ):
+        channel = router.handler.key_as_channel("kitchen")
+        with trio.fail_after(TIMEOUT):
+            await channel.wait_ready()
+        stub = test_grpc.TestServiceStub(channel)
+        async with stub.Unary.open(metadata={"x-asked-by": "router"}) as stream:
+            await stream.send_message(Message(payload=b"temp"), end=True)
+            reply = await stream.recv_message()
+            await stream.recv_trailing_metadata()
+        assert reply is not None and reply.payload == b"kitchen:temp"
+        assert stream.initial_metadata is not None
+        assert stream.initial_metadata["x-handled-by"] == "kitchen"
+        assert stream.trailing_metadata is not None
+        assert stream.trailing_metadata["x-trailer"] == "trio"
+        assert kitchen.seen.metadata[-1]["x-asked-by"] == "router"
+        # All four call kinds, through the device's trio handlers.
+        counted = await stub.ClientStream([Message(), Message(), Message()])
+        assert counted.count == 3
+        streamed = await stub.ServerStream(Message(payload=b"s", count=3))
+        assert [m.count for m in streamed] == [0, 1, 2]
+        echoed = await stub.BidiStream([Message(payload=b"a"), Message(payload=b"b")])
+        assert [m.payload for m in echoed] == [b"a", b"b"]
+        # A status raised by trio code reaches the router.
+        with pytest.raises(GRPCError) as failed:
+            await stub.Unary(Message(code=Status.FAILED_PRECONDITION.value))
+        assert failed.value.status is Status.FAILED_PRECONDITION
+        assert failed.value.message == "kitchen says no"
+
+
+async def test_trio_locks_in_handlers_hold_across_concurrent_calls() -> None:
+    service = TrioTestService("locked")
+    async with (
+        network_server() as router,
+        device(router.port, [service], "locked"),
+    ):
+        channel = router.handler.key_as_channel("locked")
+        with trio.fail_after(TIMEOUT):
+            await channel.wait_ready()
+        stub = test_grpc.TestServiceStub(channel)
+        async with trio.open_nursery() as nursery:
+            for i in range(8):
+                nursery.start_soon(stub.Unary, Message(payload=b"%d" % i, delay_millis=5))
+        assert service.seen.most_at_once == 1
+
+
+async def test_router_cancel_scope_cancels_the_device_handler() -> None:
+    service = TrioTestService("dev")
+    async with (
+        network_server() as router,
+        device(router.port, [service], "dev"),
+    ):
+        channel = router.handler.key_as_channel("dev")
+        with trio.fail_after(TIMEOUT):
+            await channel.wait_ready()
+        stub = test_grpc.TestServiceStub(channel)
+        with trio.move_on_after(0.2) as scope:
+            await stub.Unary(Message(payload=b"block"))
+        assert scope.cancelled_caught
+        with trio.fail_after(TIMEOUT):
+            await service.seen.cancelled.wait()
+        with pytest.raises(TimeoutError):
+            await stub.Unary(Message(payload=b"block"), timeout=0.2)
+        assert (await stub.Unary(Message(payload=b"ok"))).payload == b"dev:ok"
+
+
+async def test_cancelling_the_device_nursery_ends_its_tunnel_cleanly() -> None:
+    service = TrioTestService("leaving")
+    closed = trio.Event()
+    closed_channels: list[Any] = []
+
+    def on_close(channel: Any) -> None:  # a plain callback, passed through
+        closed_channels.append(channel)
+        closed.set()
+
+    async with network_server(on_reverse_tunnel_close=on_close) as router:
+        channel = router.handler.key_as_channel("leaving")
+        failure: list[GRPCError] = []
+
+        async def ask() -> None:
+            with pytest.raises(GRPCError) as failed:
+                await test_grpc.TestServiceStub(channel).Unary(Message(payload=b"block"))
+            failure.append(failed.value)
+
+        async with trio.open_nursery() as router_tasks:
+            async with device(router.port, [service], "leaving") as device_server:
+                with trio.fail_after(TIMEOUT):
+                    await channel.wait_ready()
+                router_tasks.start_soon(ask)
+                with trio.fail_after(TIMEOUT):
+                    await service.seen.started.wait()
+            # Leaving ``device(...)`` cancelled the nursery that ran serve_forever.
+            assert device_server.closed
+            with trio.fail_after(TIMEOUT):
+                await closed.wait()
+        assert service.seen.cancelled.is_set()
+        assert failure[0].status in (Status.CANCELLED, Status.UNAVAILABLE)
+        assert not channel.is_ready()
+        assert router.handler.all_reverse_tunnels() == []
+        assert closed_channels[0].metadata[DEVICE_KEY] == "leaving"
+
+
+async def test_device_reconnects_after_the_router_restarts() -> None:
+    service = TrioTestService("phoenix")
+    async with network_server() as first:
+        port = first.port
+        async with grpclib_channel(port) as network, trio.open_nursery() as nursery:
+            server = tunnel.trio.ReverseTunnelServer(network, [service])
+            nursery.start_soon(
+                lambda: server.serve_forever(
+                    {DEVICE_KEY: "phoenix"}, min_backoff=0.05, max_backoff=0.2
+                )
+            )
+            with trio.fail_after(TIMEOUT):
+                await first.handler.key_as_channel("phoenix").wait_ready()
+            first.stop()
+            # A new router on the same port: serve_forever dials it again.
+            async with network_server(port=port) as second:
+                channel = second.handler.key_as_channel("phoenix")
+                with trio.fail_after(TIMEOUT):
+                    await channel.wait_ready()
+                reply = await test_grpc.TestServiceStub(channel).Unary(Message(payload=b"back"))
+                assert reply.payload == b"phoenix:back"
+                nursery.cancel_scope.cancel()
+
+
+async def test_graceful_stop_lets_running_calls_finish() -> None:
+    service = TrioTestService("graceful")
+    async with network_server() as router:
+        async with device(router.port, [service], "graceful") as device_server:
+            channel = router.handler.key_as_channel("graceful")
+            with trio.fail_after(TIMEOUT):
+                await channel.wait_ready()
+            stub = test_grpc.TestServiceStub(channel)
+            replies: list[bytes] = []
+
+            async def slow_call() -> None:
+                replies.append(
+                    (await stub.Unary(Message(payload=b"slow", delay_millis=300))).payload
+                )
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(slow_call)
+                with trio.fail_after(TIMEOUT):
+                    await service.seen.received.wait()
+                with trio.fail_after(TIMEOUT):
+                    await device_server.graceful_stop()
+            assert replies == [b"graceful:slow"]
+            assert device_server.closed
+
+
+async def test_forward_and_reverse_through_one_trio_router() -> None:
+    """One trio network server: forward handlers and a reverse pool at once."""
+    async with (
+        network_server([TrioTestService("router")]) as router,
+        device(router.port, [TrioTestService("device")], "d1"),
+        grpclib_channel(router.port) as network,
+        tunnel.trio.open_tunnel(network) as forward,
+    ):
+        reverse = router.handler.key_as_channel("d1")
+        with trio.fail_after(TIMEOUT):
+            await reverse.wait_ready()
+        forward_reply = await test_grpc.TestServiceStub(forward).Unary(Message(payload=b"f"))
+        reverse_reply = await test_grpc.TestServiceStub(reverse).Unary(Message(payload=b"r"))
+        assert (forward_reply.payload, reverse_reply.payload) == (b"router:f", b"device:r")
+        # A key nobody registered fails at once, as with asyncio.
+        with pytest.raises(GRPCError) as missing:
+            await test_grpc.TestServiceStub(router.handler.key_as_channel("nobody")).Unary(
+                Message()
+            )
+        assert missing.value.status is Status.UNAVAILABLE
