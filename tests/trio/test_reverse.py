@@ -161,27 +161,27 @@ async def test_device_reconnects_after_the_router_restarts() -> None:
 
 async def test_graceful_stop_lets_running_calls_finish() -> None:
     service = TrioTestService("graceful")
-    async with network_server() as router:
-        async with device(router.port, [service], "graceful") as device_server:
-            channel = router.handler.key_as_channel("graceful")
+    async with (
+        network_server() as router,
+        device(router.port, [service], "graceful") as device_server,
+    ):
+        channel = router.handler.key_as_channel("graceful")
+        with trio.fail_after(TIMEOUT):
+            await channel.wait_ready()
+        stub = test_grpc.TestServiceStub(channel)
+        replies: list[bytes] = []
+
+        async def slow_call() -> None:
+            replies.append((await stub.Unary(Message(payload=b"slow", delay_millis=300))).payload)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(slow_call)
             with trio.fail_after(TIMEOUT):
-                await channel.wait_ready()
-            stub = test_grpc.TestServiceStub(channel)
-            replies: list[bytes] = []
-
-            async def slow_call() -> None:
-                replies.append(
-                    (await stub.Unary(Message(payload=b"slow", delay_millis=300))).payload
-                )
-
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(slow_call)
-                with trio.fail_after(TIMEOUT):
-                    await service.seen.received.wait()
-                with trio.fail_after(TIMEOUT):
-                    await device_server.graceful_stop()
-            assert replies == [b"graceful:slow"]
-            assert device_server.closed
+                await service.seen.received.wait()
+            with trio.fail_after(TIMEOUT):
+                await device_server.graceful_stop()
+        assert replies == [b"graceful:slow"]
+        assert device_server.closed
 
 
 async def test_forward_and_reverse_through_one_trio_router() -> None:
