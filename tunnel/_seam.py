@@ -53,6 +53,9 @@ The touches, one line each (keep this list in step with the code):
   passed through as bytes on one call (``use_status_details_codec``).
 * ``protocol.Stream.headers`` / ``.trailers`` under a client ``Stream``:
   a status that arrived just before a reset (``received_status_headers``).
+* ``Server._protocol_factory`` (wrapped, to see each accepted connection) and
+  ``H2Protocol.connection.close()``: ``record_connections`` /
+  ``drop_connections``, so that a stopped server's connections end.
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -84,10 +88,12 @@ __all__ = [
     "channel_codecs",
     "connection_is_lost",
     "deadline_passed",
+    "drop_connections",
     "http2_pinger",
     "http2_stream",
     "http2_stream_limit_reached",
     "received_status_headers",
+    "record_connections",
     "recv_data",
     "replace_server_mapping",
     "send_data",
@@ -383,3 +389,38 @@ def http2_stream_limit_reached(channel: object) -> int | None:
         return None
     limit = int(h2.remote_settings.max_concurrent_streams)
     return limit if int(h2.open_outbound_streams) >= limit else None
+
+
+def record_connections(server: grpclib.server.Server) -> weakref.WeakSet[Any]:
+    """The connections ``server`` accepts from now on (a live, weak view).
+
+    grpclib's ``Server.close()`` stops listening and cancels running
+    handlers but leaves accepted connections open, and they go on accepting
+    calls for the stopped server's handlers; grpclib has no API to end them.
+    Relies on ``Server._protocol_factory``, which makes the ``H2Protocol``
+    of each accepted connection.  Held weakly: a connection that ended is
+    forgotten with it.
+    """
+    connections: weakref.WeakSet[Any] = weakref.WeakSet()
+    make_protocol = server._protocol_factory
+
+    def recording_factory() -> Any:
+        protocol = make_protocol()
+        connections.add(protocol)
+        return protocol
+
+    server._protocol_factory = recording_factory  # type: ignore[method-assign]
+    return connections
+
+
+def drop_connections(connections: weakref.WeakSet[Any]) -> None:
+    """Close each recorded connection's socket, as a process exit would.
+
+    ``H2Protocol.connection`` exists once the connection was made; closing
+    it closes the transport, and grpclib then fails that connection's
+    streams as on any lost connection.
+    """
+    for protocol in list(connections):
+        connection = getattr(protocol, "connection", None)
+        if connection is not None:
+            connection.close()

@@ -134,9 +134,13 @@ class NetworkServer:
     port: int
     handler: tunnel.trio.TunnelServiceHandler
     scope: trio.CancelScope
+    stopped: trio.Event
 
-    def stop(self) -> None:
+    async def stop(self) -> None:
+        """Cancel the server (as a trio program would) and wait until it is closed."""
         self.scope.cancel()
+        with trio.fail_after(TIMEOUT):
+            await self.stopped.wait()
 
 
 @contextlib.asynccontextmanager
@@ -150,15 +154,29 @@ async def network_server(
 
     ``forward`` are the services tunneled calls reach (trio code, or
     ``tunnel.trio.asyncio_handlers``); reverse tunnels are pooled by
-    ``device-id``.
+    ``device-id``.  The server runs in a cancel scope of its own, so that
+    stopping it never cancels the test's code.
     """
     handler_kwargs.setdefault("affinity_key", device_key)
     handler = tunnel.trio.TunnelServiceHandler(forward, **handler_kwargs)
+    scope = trio.CancelScope()
+    stopped = trio.Event()
+
+    async def run(task_status: trio.TaskStatus[int]) -> None:
+        try:
+            with scope:
+                await tunnel.trio.serve([handler], "127.0.0.1", port, task_status=task_status)
+        finally:
+            stopped.set()
+
     async with trio.open_nursery() as nursery:
         with trio.fail_after(TIMEOUT):
-            bound = await nursery.start(tunnel.trio.serve, [handler], "127.0.0.1", port)
-        yield NetworkServer(bound, handler, nursery.cancel_scope)
-        nursery.cancel_scope.cancel()
+            bound = await nursery.start(run)
+        server = NetworkServer(bound, handler, scope, stopped)
+        try:
+            yield server
+        finally:
+            scope.cancel()
 
 
 def asyncio_test_service() -> Any:

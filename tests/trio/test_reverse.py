@@ -148,7 +148,7 @@ async def test_device_reconnects_after_the_router_restarts() -> None:
             )
             with trio.fail_after(TIMEOUT):
                 await first.handler.key_as_channel("phoenix").wait_ready()
-            first.stop()
+            await first.stop()
             # A new router on the same port: serve_forever dials it again.
             async with network_server(port=port) as second:
                 channel = second.handler.key_as_channel("phoenix")

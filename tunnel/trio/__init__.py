@@ -46,6 +46,7 @@ import trio_asyncio
 from grpclib._typing import IServable
 from multidict import MultiDict
 
+from .. import _seam
 from .. import channel as _aio_channel
 from .. import handler as _aio_handler
 from .. import reverse as _aio_reverse
@@ -246,12 +247,14 @@ async def serve(
     ``handlers`` are trio code, except this module's ``TunnelServiceHandler``
     and ``asyncio_handlers(...)``.  Reports the port it listens on to
     ``task_status``; keyword arguments go to ``grpclib.server.Server.start``
-    (``ssl``, ``sock``, ...).  When cancelled it closes the server (tunnels
-    end their carrying calls with UNAVAILABLE) and waits, shielded and
-    bounded, until it is closed.
+    (``ssl``, ``sock``, ...).  When cancelled it stops the server as a process
+    exit would: it stops listening, cancels running handlers and drops the
+    connections (peers see them lost: UNAVAILABLE, and devices reconnect),
+    then waits, shielded and bounded, until the server is closed.
     """
     require_loop()
     server = grpclib.server.Server(trio_handlers(handlers))
+    connections = _seam.record_connections(server)
     sock = start_kwargs.pop("sock", None)
     own_sock = sock is None
     if own_sock:
@@ -266,6 +269,9 @@ async def serve(
         task_status.started(sock.getsockname()[1])
         await trio.sleep_forever()
     finally:
+        # As a process exit would: grpclib's close() alone leaves accepted
+        # connections open, answering calls for a server that stopped.
         server.close()
+        _seam.drop_connections(connections)
         with trio.CancelScope(shield=True), trio.move_on_after(CANCEL_GRACE):
             await hop(server.wait_closed)

@@ -1,0 +1,38 @@
+"""The touches of grpclib's private parts in tunnel/_seam.py still work."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import grpclib.client
+import grpclib.server
+import pytest
+from grpclib.exceptions import StreamTerminatedError
+from grpclib.health.service import Health
+from grpclib.health.v1.health_grpc import HealthStub
+from grpclib.health.v1.health_pb2 import HealthCheckRequest
+
+from tunnel import _seam
+
+
+async def test_recorded_connections_can_be_dropped() -> None:
+    server = grpclib.server.Server([Health()])
+    connections = _seam.record_connections(server)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.bind(("127.0.0.1", 0))
+    await server.start(sock=sock)
+    channel = grpclib.client.Channel("127.0.0.1", sock.getsockname()[1])
+    try:
+        await HealthStub(channel).Check(HealthCheckRequest())
+        assert len(connections) == 1
+        server.close()
+        _seam.drop_connections(connections)
+        async with asyncio.timeout(10):
+            await server.wait_closed()
+            # Without the drop, grpclib's old connection would still answer
+            # this call; with it, the channel must dial again and is refused.
+            with pytest.raises((ConnectionRefusedError, StreamTerminatedError)):
+                await HealthStub(channel).Check(HealthCheckRequest())
+    finally:
+        channel.close()
