@@ -33,6 +33,13 @@ EXPECTED = {
         "{'tunnel-key': 'attic'}: UNAVAILABLE",
         "no key: INVALID_ARGUMENT",
     ],
+    "trio_device.py": [
+        "router: device 'kitchen' registered",
+        "caller asked kitchen: kitchen: 21.5 C",
+        "caller gave up on a slow reading: True",
+        "device kitchen: reading cancelled",
+        "caller asked attic: UNAVAILABLE",
+    ],
     "reverse_credentials.py": [
         "router: asked the device to open the door -> door opened",
         "rogue: asked the device to open the door -> PERMISSION_DENIED",

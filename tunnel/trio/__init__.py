@@ -42,7 +42,6 @@ from typing import Any
 import grpclib.client
 import grpclib.server
 import trio
-import trio_asyncio
 from grpclib._typing import IServable
 from multidict import MultiDict
 
@@ -53,6 +52,7 @@ from .. import reverse as _aio_reverse
 from ._bridge import CANCEL_GRACE, asyncio_kwargs, await_asyncio, hop, require_loop
 from ._channels import ReverseChannel, TunnelChannel
 from ._handlers import asyncio_handlers, trio_handlers
+from ._loop import open_loop
 
 __all__ = [
     "ReverseChannel",
@@ -64,10 +64,6 @@ __all__ = [
     "open_tunnel",
     "serve",
 ]
-
-#: ``async with open_loop():`` runs the asyncio loop the tunnels need on trio
-#: (trio-asyncio's ``open_loop``); open it once, around everything else.
-open_loop = trio_asyncio.open_loop
 
 
 def _asyncio_channel(channel: grpclib.client.Channel) -> grpclib.client.Channel:
