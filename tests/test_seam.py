@@ -36,3 +36,16 @@ async def test_recorded_connections_can_be_dropped() -> None:
                 await HealthStub(channel).Check(HealthCheckRequest())
     finally:
         channel.close()
+
+
+def test_grpclib_follows_asyncio_current_task() -> None:
+    """After the call, grpclib's task lookup is asyncio's current one (patched or not)."""
+    import grpclib.utils
+
+    original = grpclib.utils._current_task
+    try:
+        grpclib.utils._current_task = lambda: None  # as if bound before a patch
+        _seam.follow_asyncio_current_task()
+        assert grpclib.utils._current_task is asyncio.current_task
+    finally:
+        grpclib.utils._current_task = original

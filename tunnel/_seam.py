@@ -56,6 +56,8 @@ The touches, one line each (keep this list in step with the code):
 * ``Server._protocol_factory`` (wrapped, to see each accepted connection) and
   ``H2Protocol.connection.close()``: ``record_connections`` /
   ``drop_connections``, so that a stopped server's connections end.
+* ``grpclib.utils._current_task`` (rebound): ``follow_asyncio_current_task``,
+  for grpclib under trio-asyncio on Python 3.12+.
 """
 
 from __future__ import annotations
@@ -89,6 +91,7 @@ __all__ = [
     "connection_is_lost",
     "deadline_passed",
     "drop_connections",
+    "follow_asyncio_current_task",
     "http2_pinger",
     "http2_stream",
     "http2_stream_limit_reached",
@@ -424,3 +427,19 @@ def drop_connections(connections: weakref.WeakSet[Any]) -> None:
         connection = getattr(protocol, "connection", None)
         if connection is not None:
             connection.close()
+
+
+def follow_asyncio_current_task() -> None:
+    """Make grpclib find the running task through ``asyncio.current_task`` as it is now.
+
+    ``grpclib.utils`` binds ``_current_task = asyncio.current_task`` when it
+    is imported, and every grpclib call's ``Wrapper`` asks it for the task.
+    trio-asyncio replaces ``asyncio.current_task`` when *it* is imported,
+    because on Python 3.12+ the C version cannot see trio-asyncio's loop; if
+    grpclib was imported first (``import tunnel`` does), it keeps the C
+    version and every grpclib call on trio-asyncio's loop fails with
+    "no running event loop".  Rebinding the name after trio-asyncio's import
+    fixes that, whatever the import order.
+    """
+    if grpclib.utils._current_task is not asyncio.current_task:
+        grpclib.utils._current_task = asyncio.current_task

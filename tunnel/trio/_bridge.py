@@ -32,6 +32,11 @@ import sniffio
 import trio
 import trio_asyncio
 
+from .. import _seam
+
+# trio-asyncio is imported by now; grpclib may have been imported before it.
+_seam.follow_asyncio_current_task()
+
 __all__ = [
     "Signal",
     "asyncio_callable",
