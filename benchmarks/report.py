@@ -157,6 +157,40 @@ def targets(runs: list[dict[str, Any]], many: int) -> list[str]:
     return lines
 
 
+# -- trio ------------------------------------------------------------------------------
+
+TRIO_TARGET = 0.8
+
+
+def trio_lines(trio: dict[str, Any] | None) -> list[str]:
+    """The trio rows: unary calls/s from trio against asyncio, same process and run."""
+    if not trio:
+        return ["Not run."]
+    if "error" in trio or "results" not in trio:
+        return [f"Failed: {trio.get('error', 'no results')}"]
+    results = trio["results"]
+    rates = results["calls_per_s"]
+    base = rates["asyncio"]
+    return [
+        "| unary over a forward tunnel, 1 caller | calls/s | vs asyncio |",
+        "|---|---|---|",
+        f"| asyncio caller, asyncio handler (`tunnel`) | {base:,.0f} | 1.00x |",
+        f"| trio caller, asyncio handler (`tunnel.trio`) | {rates['trio']:,.0f} "
+        f"| {results['ratio_trio']:.2f}x |",
+        f"| trio caller, trio handler (`tunnel.trio`) | {rates['trio_handler']:,.0f} "
+        f"| {results['ratio_trio_handler']:.2f}x |",
+    ]
+
+
+def trio_target(trio: dict[str, Any] | None) -> str:
+    label = f"trio forward unary calls/s ≥ {TRIO_TARGET:.1f}x the same from asyncio"
+    if not trio or "results" not in trio:
+        return f"- {label}: not measured"
+    ratio = trio["results"]["ratio_trio"]
+    verdict = "met" if ratio >= TRIO_TARGET else "**missed**"
+    return f"- {label}: {ratio:.2f}x, {verdict}"
+
+
 # -- profile ---------------------------------------------------------------------------
 
 
@@ -262,6 +296,15 @@ Not run:
 ## Targets
 
 {chr(10).join(targets(runs, many))}
+{trio_target(data.get("trio"))}
+
+## From trio
+
+`tunnel.trio` (docs/trio.md) in one process, in rounds that alternate with
+plain asyncio ones; medians of the rounds. Server and client share one loop,
+as above: for trio, the trio-asyncio loop inside `trio.run`.
+
+{chr(10).join(trio_lines(data.get("trio")))}
 
 ## How it is measured
 

@@ -28,6 +28,8 @@ GRPCLIB_KINDS = ("direct", "forward", "reverse")
 #: Variants measured on the rate workloads only (asyncio, no memory rows).
 VARIANT_KINDS = ("forward-wide",)
 GRPCIO_KINDS = ("grpcio", "gt-forward", "gt-reverse")
+#: ``tunnel.trio`` against asyncio, in a child of its own (benchmarks/trio_side.py).
+TRIO_KINDS = ("trio",)
 
 METHOD = """\
 - Every transport runs in fresh child processes (`python -m benchmarks.child`),
@@ -139,7 +141,7 @@ def _revision() -> str:
 
 
 def _plan(args: argparse.Namespace) -> tuple[list[tuple[str, str]], list[str]]:
-    every = [*GRPCLIB_KINDS, *VARIANT_KINDS, *GRPCIO_KINDS]
+    every = [*GRPCLIB_KINDS, *VARIANT_KINDS, *GRPCIO_KINDS, *TRIO_KINDS]
     wanted = args.only.split(",") if args.only else every
     unknown = set(wanted) - set(every)
     if unknown:
@@ -149,6 +151,8 @@ def _plan(args: argparse.Namespace) -> tuple[list[tuple[str, str]], list[str]]:
     have_grpc = importlib.util.find_spec("grpc") is not None
     have_gt = importlib.util.find_spec("grpctunnel") is not None
     for kind in wanted:
+        if kind in TRIO_KINDS:
+            continue  # run on its own, after the others (see main)
         if kind in GRPCIO_KINDS and not have_grpc:
             skipped.append(f"{report.LABELS[kind]}: grpcio is not installed")
         elif kind.startswith("gt-") and not have_gt:
@@ -228,13 +232,37 @@ def _run_child(
     return result
 
 
+def _run_trio(budget: str, pb_dir: Path, tmp: Path, quick: bool) -> dict[str, Any]:
+    """``benchmarks.trio_side`` in a child process: trio against asyncio."""
+    print("trio (tunnel.trio against asyncio):", file=sys.stderr, flush=True)
+    out = tmp / "trio.json"
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.trio_side",
+        f"--budget={budget}",
+        f"--pb-dir={pb_dir}",
+        f"--out={out}",
+    ]
+    timeout = 60 if quick else 180
+    try:
+        done = subprocess.run(command, cwd=ROOT, timeout=timeout, stdout=sys.stderr)
+        failure = None if done.returncode == 0 else f"exit status {done.returncode}"
+    except subprocess.TimeoutExpired:
+        failure = f"timed out after {timeout} s"
+    result: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {}
+    if failure:
+        result["error"] = failure
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a ~30 s smoke run")
     parser.add_argument(
         "--only",
         help="comma-separated transports: "
-        + ",".join(GRPCLIB_KINDS + VARIANT_KINDS + GRPCIO_KINDS),
+        + ",".join(GRPCLIB_KINDS + VARIANT_KINDS + GRPCIO_KINDS + TRIO_KINDS),
     )
     parser.add_argument("--no-uvloop", action="store_true", help="skip the uvloop columns")
     parser.add_argument("--json-out", type=Path, help="where to write the JSON results")
@@ -264,6 +292,8 @@ def main() -> None:
         protos.generate(pb_dir)
         for kind, loop in plan:
             runs.append(_run_transport(kind, loop, budget_name, pb_dir, Path(tmp), args.quick))
+        wanted = args.only.split(",") if args.only else TRIO_KINDS
+        trio = _run_trio(budget_name, pb_dir, Path(tmp), args.quick) if "trio" in wanted else None
     load_after = os.getloadavg()
 
     versions = next((r["versions"] for r in runs if "versions" in r), {})
@@ -278,12 +308,16 @@ def main() -> None:
         "machine": _machine(versions),
         "skipped": skipped,
         "runs": runs,
+        "trio": trio,
     }
     json_out = args.json_out or RESULTS / ("quick.json" if args.quick else "latest.json")
     json_out.parent.mkdir(parents=True, exist_ok=True)
     json_out.write_text(json.dumps(data, indent=1))
 
-    print(report.table(runs, budget.many_streams, markdown=False))
+    if runs:
+        print(report.table(runs, budget.many_streams, markdown=False))
+    if trio is not None:
+        print("\n".join(report.trio_lines(trio)))
     for run in runs:
         errors = {k: v["error"] for k, v in run.get("results", {}).items() if "error" in v}
         if run.get("error") or errors:
@@ -295,7 +329,7 @@ def main() -> None:
     if not (args.quick or args.only or args.no_docs):
         write_docs(data)
         print(f"wrote {DOC.relative_to(ROOT)} and {CHART.relative_to(ROOT)}")
-    failed = any(run.get("error") for run in runs)
+    failed = any(run.get("error") for run in runs) or bool(trio and trio.get("error"))
     sys.exit(1 if failed else 0)
 
 

@@ -48,3 +48,22 @@ def test_quick_bench_runs(tmp_path: Path) -> None:
         assert results["many_streams"]["completed"] == data["budget"]["many_streams"]
     assert runs["forward"]["results"]["profile"]["buckets_us_per_call"]["tunnel/_core"] > 0
     assert "forward tunnel" in done.stdout
+
+
+@pytest.mark.timeout(60)
+def test_quick_trio_bench_runs(tmp_path: Path) -> None:
+    """The trio row: unary calls/s from trio and from asyncio, in one run."""
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--only=trio", f"--json-out={out}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=50,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    trio = json.loads(out.read_text())["trio"]
+    rates = trio["results"]["calls_per_s"]
+    assert rates["asyncio"] > 0 and rates["trio"] > 0 and rates["trio_handler"] > 0
+    assert trio["results"]["ratio_trio"] == rates["trio"] / rates["asyncio"]
+    assert "trio caller, asyncio handler" in done.stdout
