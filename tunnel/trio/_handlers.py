@@ -15,12 +15,14 @@ crossing.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import Any
 
 import grpclib.server
 from grpclib._typing import IServable
 from grpclib.const import Handler
+from grpclib.exceptions import ProtocolError
 
 from .._server_stream import TunnelServerStream
 from ._bridge import hop, trio_flavoured
@@ -64,14 +66,26 @@ class _HoppingServerStream:
 
 
 def _trio_handler(func: Callable[[Any], Awaitable[None]]) -> Callable[[Any], Awaitable[None]]:
-    in_trio_task = trio_flavoured(func)
+    async def run_tunneled(stream: TunnelServerStream[Any, Any]) -> None:
+        await func(stream)
+        if not stream.closed:
+            # What the tunnel would do next in asyncio, done here so that the
+            # status leaves with the last message, in one write: from the
+            # asyncio side it would follow in a write of its own, after a
+            # round through the loop (measured: about 0.7 ms a call).  A
+            # handler that broke the rules is left to the tunnel to report.
+            with contextlib.suppress(ProtocolError):
+                await stream.send_trailing_metadata()
+
+    tunneled = trio_flavoured(run_tunneled)
+    direct = trio_flavoured(func)
 
     async def handle(stream: Any) -> None:
         if isinstance(stream, TunnelServerStream):
             prepare_server_stream(stream)
-            await in_trio_task(stream)
+            await tunneled(stream)
         else:
-            await in_trio_task(_HoppingServerStream(stream))
+            await direct(_HoppingServerStream(stream))
 
     return handle
 
