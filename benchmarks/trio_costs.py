@@ -7,6 +7,10 @@ that alternate between the variants (medians of the rounds):
   in one ``trio.run``; the device's Unary handler is asyncio code, or trio
   code that does nothing more, takes a trio lock, sleeps ``trio.sleep(0)``,
   or runs its work in a nursery.  Microseconds per call.
+* callers over a forward tunnel: the design ``tunnel.trio`` uses (the trio
+  task drives the call, no crossing per operation) against the facade it
+  replaced in the design phase (one ``aio_as_trio`` crossing per stream
+  operation: enter, send, receive, exit), and plain asyncio.
 * GRPCLIB-NOTES section 8's anomaly: a plain grpclib server (no tunnel) on
   trio-asyncio whose handler makes one ``trio_as_aio`` call, against the
   same handler without it.  The note measured 4.2 ms against 0.87 ms.
@@ -18,6 +22,7 @@ the library.  Rounds and duration: ``--rounds`` (5), ``--seconds`` (1.5).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import statistics
 import tempfile
 import time
@@ -58,7 +63,15 @@ class _Unary:
         await stream.send_message(request)
 
 
+def _unary_method(channel: Any, pb: Any) -> Any:
+    return grpclib.client.UnaryUnaryMethod(channel, SERVICE + "Unary", pb.Message, pb.Message)
+
+
 async def _calls(call: Callable[[], Awaitable[Any]], seconds: float) -> float:
+    return await _async_calls(call, seconds)
+
+
+async def _async_calls(call: Callable[[], Awaitable[Any]], seconds: float) -> float:
     """Microseconds per call, back to back, after a short warm-up."""
     for _ in range(50):
         await call()
@@ -103,11 +116,76 @@ async def _device_round(pb: Any, servable: Any, is_trio: bool, seconds: float) -
         nursery.start_soon(device.serve_forever)
         channel = router.as_channel()
         await channel.wait_ready()
-        method = grpclib.client.UnaryUnaryMethod(channel, SERVICE + "Unary", pb.Message, pb.Message)
+        method = _unary_method(channel, pb)
         per_call = await _calls(lambda: method(pb.Message(payload=UNARY_PAYLOAD)), seconds)
         nursery.cancel_scope.cancel()
     network.close()
     return per_call
+
+
+class _HopStream:
+    """A stream whose every operation is one ``aio_as_trio`` crossing (the rejected facade)."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    async def __aenter__(self) -> _HopStream:
+        await trio_asyncio.aio_as_trio(self._stream.__aenter__)()
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await trio_asyncio.aio_as_trio(self._stream.__aexit__)(*exc_info)
+
+    async def send_message(self, message: Any, *, end: bool = False) -> None:
+        await trio_asyncio.aio_as_trio(self._stream.send_message)(message, end=end)
+
+    async def recv_message(self) -> Any:
+        return await trio_asyncio.aio_as_trio(self._stream.recv_message)()
+
+
+class _HopChannel:
+    def __init__(self, channel: Any) -> None:
+        self._channel = channel
+
+    def request(self, *args: Any, **kwargs: Any) -> _HopStream:
+        return _HopStream(self._channel.request(*args, **kwargs))
+
+
+async def _caller_round(pb: Any, how: str, seconds: float) -> float:
+    if how == "asyncio":
+        return await trio_asyncio.aio_as_trio(_asyncio_caller)(pb, seconds)
+    servable = tunnel.trio.asyncio_handlers(_Unary(pb.Message, None))
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(
+            tunnel.trio.serve, [tunnel.trio.TunnelServiceHandler([servable])]
+        )
+        network = grpclib.client.Channel("127.0.0.1", port)
+        async with tunnel.trio.open_tunnel(network) as channel:
+            target: Any = channel if how == "trio" else _HopChannel(channel.aio)
+            method = grpclib.client.UnaryUnaryMethod(
+                target, SERVICE + "Unary", pb.Message, pb.Message
+            )
+            per_call = await _calls(lambda: method(pb.Message(payload=UNARY_PAYLOAD)), seconds)
+        network.close()
+        nursery.cancel_scope.cancel()
+    return per_call
+
+
+async def _asyncio_caller(pb: Any, seconds: float) -> float:
+    server = grpclib.server.Server([tunnel.TunnelServiceHandler([_Unary(pb.Message, None)])])
+    sock = _listening_socket()
+    await server.start(sock=sock)
+    network = grpclib.client.Channel("127.0.0.1", sock.getsockname()[1])
+    try:
+        async with tunnel.open_tunnel(network) as channel:
+            method = grpclib.client.UnaryUnaryMethod(
+                channel, SERVICE + "Unary", pb.Message, pb.Message
+            )
+            return await _async_calls(lambda: method(pb.Message(payload=UNARY_PAYLOAD)), seconds)
+    finally:
+        network.close()
+        server.close()
+        await asyncio.wait_for(server.wait_closed(), 10)
 
 
 async def _anomaly_round(pb: Any, hop: bool, seconds: float) -> float:
@@ -123,7 +201,7 @@ async def _anomaly_round(pb: Any, hop: bool, seconds: float) -> float:
         port = sock.getsockname()[1]
         await server.start(sock=sock)
         channel = grpclib.client.Channel("127.0.0.1", port)
-        method = grpclib.client.UnaryUnaryMethod(channel, SERVICE + "Unary", pb.Message, pb.Message)
+        method = _unary_method(channel, pb)
         try:
             return await _calls(lambda: method(pb.Message(payload=UNARY_PAYLOAD)), seconds)
         finally:
@@ -134,6 +212,11 @@ async def _anomaly_round(pb: Any, hop: bool, seconds: float) -> float:
     async with trio_asyncio.open_loop():
         result: float = await trio_asyncio.aio_as_trio(calls)()
     return result
+
+
+async def _in_loop(func: Callable[..., Awaitable[float]], *args: Any) -> float:
+    async with tunnel.trio.open_loop():
+        return await func(*args)
 
 
 def main() -> None:
@@ -147,11 +230,26 @@ def main() -> None:
         variants = _handler_variants(pb)
         device: dict[str, list[float]] = {name: [] for name in variants}
         anomaly: dict[str, list[float]] = {"no hop": [], "one trio_as_aio hop": []}
+        callers: dict[str, list[float]] = {
+            "asyncio": [],
+            "trio": [],
+            "hop per operation": [],
+        }
         for _ in range(args.rounds):
+            for how in callers:
+                callers[how].append(trio.run(_in_loop, _caller_round, pb, how, args.seconds))
             for name, (servable, is_trio) in variants.items():
                 device[name].append(trio.run(_device_round, pb, servable, is_trio, args.seconds))
             for name, hop in (("no hop", False), ("one trio_as_aio hop", True)):
                 anomaly[name].append(trio.run(_anomaly_round, pb, hop, args.seconds))
+    print(
+        "forward tunnel, one process (µs per unary call, median; rate vs asyncio): asyncio"
+        " is the asyncio layer's own caller on the same trio-asyncio loop"
+    )
+    base = statistics.median(callers["asyncio"])
+    for name, values in callers.items():
+        median = statistics.median(values)
+        print(f"  {name:30s} {median:7.0f}  ({base / median:.2f}x)")
     print("device over a reverse tunnel, called from trio (µs per unary call, median):")
     base = statistics.median(device["asyncio handler"])
     for name, values in device.items():
