@@ -4,8 +4,8 @@ The trio layer drives tunneled calls from trio tasks without a crossing per
 operation (see ``_bridge``).  For that it builds call streams itself and
 lets them wait the trio way, which needs a few attributes the asyncio layer
 keeps private.  Each such touch is a small function here, so a change in
-the asyncio layer breaks here, by name, and nowhere else;
-``tests/trio/test_layer.py`` checks that each still exists.
+the asyncio layer breaks here, by name, and nowhere else; every test
+under ``tests/trio`` goes through them.
 
 The touches, one line each (keep this list in step with the code):
 
