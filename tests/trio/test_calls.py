@@ -9,6 +9,7 @@ reports what it saw (started, cancelled).
 from __future__ import annotations
 
 import asyncio
+import socket
 from typing import Any
 
 import grpclib.client
@@ -280,3 +281,60 @@ def test_without_open_loop_the_error_says_what_to_do() -> None:
 
     with pytest.raises(RuntimeError, match="open_loop"):
         trio.run(main)
+
+
+async def test_reconnecting_channel_heals_across_a_router_restart() -> None:
+    opened: list[Any] = []
+    reopened = trio.Event()
+
+    async def on_tunnel_open(tunnel_channel: Any) -> None:  # trio code
+        await trio.sleep(0)
+        opened.append(tunnel_channel)
+        if len(opened) == 2:
+            reopened.set()
+
+    async with network_server([TrioTestService("first")]) as first:
+        port = first.port
+        async with grpclib_channel(port) as network:
+            channel = tunnel.trio.ReconnectingTunnelChannel(
+                network,
+                wait_for_ready=True,
+                min_backoff=0.05,
+                max_backoff=0.2,
+                on_tunnel_open=on_tunnel_open,
+            )
+            async with channel:
+                stub = test_grpc.TestServiceStub(channel)
+                reply = await stub.Unary(Message(payload=b"a"), timeout=TIMEOUT)
+                assert reply.payload == b"first:a"
+                await first.stop()
+                async with network_server([TrioTestService("second")], port=port):
+                    with trio.fail_after(TIMEOUT):
+                        await reopened.wait()
+                    reply = await stub.Unary(Message(payload=b"b"), timeout=TIMEOUT)
+                    assert reply.payload == b"second:b"
+                    assert channel.tunnels_opened == 2
+            assert channel.closed
+
+
+@pytest.mark.parametrize("how", ["cancel scope", "deadline"])
+async def test_waiting_for_a_tunnel_obeys_trio_cancellation_and_deadlines(how: str) -> None:
+    nobody = socket.socket()
+    nobody.bind(("127.0.0.1", 0))
+    port = nobody.getsockname()[1]
+    nobody.close()  # nothing listens there: every attempt is refused
+    async with grpclib_channel(port) as network:
+        channel = tunnel.trio.ReconnectingTunnelChannel(
+            network, wait_for_ready=True, min_backoff=0.05, max_backoff=0.1
+        )
+        async with channel:
+            stub = test_grpc.TestServiceStub(channel)
+            with trio.fail_after(TIMEOUT):
+                if how == "cancel scope":
+                    with trio.move_on_after(0.2) as scope:
+                        await stub.Unary(Message(payload=b"x"))
+                    assert scope.cancelled_caught
+                else:
+                    with pytest.raises(TimeoutError):
+                        await stub.Unary(Message(payload=b"x"), timeout=0.2)
+            assert channel.tunnels_opened == 0

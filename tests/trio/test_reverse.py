@@ -104,7 +104,8 @@ async def test_cancelling_the_device_nursery_ends_its_tunnel_cleanly() -> None:
     closed = trio.Event()
     closed_channels: list[Any] = []
 
-    def on_close(channel: Any) -> None:  # a plain callback, passed through
+    async def on_close(channel: Any) -> None:  # trio code, awaited by the asyncio layer
+        await trio.sleep(0)
         closed_channels.append(channel)
         closed.set()
 
@@ -137,26 +138,57 @@ async def test_cancelling_the_device_nursery_ends_its_tunnel_cleanly() -> None:
 
 async def test_device_reconnects_after_the_router_restarts() -> None:
     service = TrioTestService("phoenix")
+    attempts: list[int] = []
+    connected = trio.Event()
+
+    async def metadata() -> dict[str, str]:  # trio code, asked at each attempt
+        await trio.sleep(0)
+        attempts.append(len(attempts) + 1)
+        return {DEVICE_KEY: "phoenix", "x-attempt": str(len(attempts))}
+
+    async def on_connected() -> None:
+        connected.set()
+
     async with network_server() as first:
         port = first.port
         async with grpclib_channel(port) as network, trio.open_nursery() as nursery:
             server = tunnel.trio.ReverseTunnelServer(network, [service])
+            # serve_forever's own arguments pass through unchanged.
             nursery.start_soon(
                 lambda: server.serve_forever(
-                    {DEVICE_KEY: "phoenix"}, min_backoff=0.05, max_backoff=0.2
+                    metadata, min_backoff=0.05, max_backoff=0.2, on_connected=on_connected
                 )
             )
             with trio.fail_after(TIMEOUT):
                 await first.handler.key_as_channel("phoenix").wait_ready()
+                await connected.wait()
             await first.stop()
             # A new router on the same port: serve_forever dials it again.
             async with network_server(port=port) as second:
                 channel = second.handler.key_as_channel("phoenix")
                 with trio.fail_after(TIMEOUT):
                     await channel.wait_ready()
-                reply = await test_grpc.TestServiceStub(channel).Unary(Message(payload=b"back"))
-                assert reply.payload == b"phoenix:back"
+                async with test_grpc.TestServiceStub(channel).Unary.open() as stream:
+                    await stream.send_message(Message(payload=b"back"), end=True)
+                    reply = await stream.recv_message()
+                assert reply is not None and reply.payload == b"phoenix:back"
+                # The tunnel now up was opened with metadata asked anew.
+                assert second.handler.all_reverse_tunnels()[0].metadata["x-attempt"] == str(
+                    attempts[-1]
+                )
+                assert len(attempts) >= 2
                 nursery.cancel_scope.cancel()
+
+
+async def test_permanent_refusal_ends_serve_forever_with_its_status() -> None:
+    async with (
+        network_server(reverse_tunnels=False) as router,
+        grpclib_channel(router.port) as network,
+    ):
+        server = tunnel.trio.ReverseTunnelServer(network, [TrioTestService("refused")])
+        with trio.fail_after(TIMEOUT), pytest.raises(GRPCError) as refused:
+            await server.serve_forever(min_backoff=0.01, max_backoff=0.02)
+        assert refused.value.status is Status.UNIMPLEMENTED
 
 
 async def test_graceful_stop_lets_running_calls_finish() -> None:

@@ -42,19 +42,25 @@ from typing import Any
 import grpclib.client
 import grpclib.server
 import trio
-from grpclib._typing import IServable
 from multidict import MultiDict
 
 from .. import _seam
 from .. import channel as _aio_channel
 from .. import handler as _aio_handler
 from .. import reverse as _aio_reverse
-from ._bridge import CANCEL_GRACE, asyncio_kwargs, await_asyncio, hop, require_loop
-from ._channels import ReverseChannel, TunnelChannel
+from .._typing import Servable
+from ._bridge import CANCEL_GRACE, asyncio_args, asyncio_kwargs, await_asyncio, hop, require_loop
+from ._channels import (
+    ReconnectingTunnelChannel,
+    ReverseChannel,
+    TunnelChannel,
+    asyncio_channel,
+)
 from ._handlers import asyncio_handlers, trio_handlers
 from ._loop import open_loop
 
 __all__ = [
+    "ReconnectingTunnelChannel",
     "ReverseChannel",
     "ReverseTunnelServer",
     "TunnelChannel",
@@ -66,12 +72,6 @@ __all__ = [
 ]
 
 
-def _asyncio_channel(channel: grpclib.client.Channel) -> grpclib.client.Channel:
-    """The asyncio channel under a trio one (tunnels nest), or ``channel`` itself."""
-    aio = getattr(channel, "aio", None)
-    return aio if isinstance(aio, grpclib.client.Channel) else channel
-
-
 # -- forward tunnels: the network client --------------------------------------------------
 
 
@@ -79,7 +79,7 @@ class _OpenTunnel:
     """``open_tunnel(...)``: awaitable, and an async context manager."""
 
     def __init__(self, channel: grpclib.client.Channel, kwargs: dict[str, Any]) -> None:
-        self._channel = _asyncio_channel(channel)
+        self._channel = asyncio_channel(channel)
         self._kwargs = kwargs
         self._opened: TunnelChannel | None = None
 
@@ -129,7 +129,7 @@ class ReverseTunnelServer:
         self, channel: grpclib.client.Channel, handlers: Collection[Any], **kwargs: Any
     ) -> None:
         self.aio = _aio_reverse.ReverseTunnelServer(
-            _asyncio_channel(channel), trio_handlers(handlers), **asyncio_kwargs(kwargs)
+            asyncio_channel(channel), trio_handlers(handlers), **asyncio_kwargs(kwargs)
         )
 
     @property
@@ -148,7 +148,7 @@ class ReverseTunnelServer:
         this tunnel (calls in flight on it are cancelled) and returns once
         it is over.
         """
-        await await_asyncio(self.aio.serve(*args, **asyncio_kwargs(kwargs)))
+        await await_asyncio(self.aio.serve(*asyncio_args(args), **asyncio_kwargs(kwargs)))
 
     async def serve_forever(self, *args: Any, **kwargs: Any) -> None:
         """Keep a reverse tunnel open, reconnecting, until ``close()`` or a cancel.
@@ -159,7 +159,8 @@ class ReverseTunnelServer:
         over, within the tunnel's close bound.
         """
         await await_asyncio(
-            self.aio.serve_forever(*args, **asyncio_kwargs(kwargs)), stop=self.aio.close
+            self.aio.serve_forever(*asyncio_args(args), **asyncio_kwargs(kwargs)),
+            stop=self.aio.close,
         )
 
     def close(self) -> None:
@@ -206,7 +207,7 @@ class TunnelServiceHandler:
         )
 
     @property
-    def aio_servable(self) -> IServable:
+    def aio_servable(self) -> Servable:
         """What a grpclib ``Server`` takes: the asyncio handler itself."""
         return self.aio
 

@@ -39,6 +39,7 @@ _seam.follow_asyncio_current_task()
 
 __all__ = [
     "Signal",
+    "asyncio_args",
     "asyncio_callable",
     "asyncio_kwargs",
     "await_asyncio",
@@ -186,6 +187,11 @@ def asyncio_callable(value: Any) -> Any:
     ):
         return trio_flavoured(value)
     return value
+
+
+def asyncio_args(args: tuple[Any, ...]) -> list[Any]:
+    """Positional arguments for the asyncio layer, async callables made trio code."""
+    return [asyncio_callable(value) for value in args]
 
 
 def asyncio_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,9 +1,9 @@
-"""Channels for trio code: a tunnel's, and a pool of reverse tunnels.
+"""Channels for trio code: a tunnel's, a pool of reverse tunnels, a healing one.
 
-Both are ``grpclib.client.Channel`` objects, so generated stubs (grpclib's,
+Each is a ``grpclib.client.Channel``, so generated stubs (grpclib's,
 betterproto's, betterproto2's) take them unchanged; each call they make is a
 ``TrioClientStream`` that the calling trio task drives itself.  Client
-events listened on the asyncio channel (``channel.aio``) fire for these
+events listened on the asyncio channel underneath (``.aio``) fire for these
 calls, in the trio task, so listeners must be trio code or plain awaits.
 """
 
@@ -14,18 +14,18 @@ from typing import Any, TypeVar
 import grpclib.client
 import trio
 from grpclib.const import Cardinality
-from grpclib.events import _DispatchChannelEvents
 from grpclib.metadata import Deadline, _MetadataLike
 from grpclib.protocol import Peer
 from multidict import MultiDict
 
+from .. import _reconnecting as _aio_reconnecting
 from .. import channel as _aio_channel
 from .. import reverse as _aio_reverse
 from . import _layer
-from ._bridge import hop
+from ._bridge import asyncio_kwargs, hop
 from ._streams import TrioClientStream
 
-__all__ = ["ReverseChannel", "TunnelChannel", "call_on"]
+__all__ = ["ReconnectingTunnelChannel", "ReverseChannel", "TunnelChannel", "asyncio_channel"]
 
 _SendType = TypeVar("_SendType")
 _RecvType = TypeVar("_RecvType")
@@ -34,47 +34,75 @@ _RecvType = TypeVar("_RecvType")
 CLOSE_MARGIN = 1.0
 
 
-def call_on(
-    tunnel_channel: _aio_channel.TunnelChannel,
-    dispatch: _DispatchChannelEvents,
-    name: str,
-    cardinality: Cardinality,
-    request_type: type[_SendType],
-    reply_type: type[_RecvType],
-    timeout: float | None,
-    deadline: Deadline | None,
-    metadata: _MetadataLike | None,
-) -> TrioClientStream[_SendType, _RecvType]:
-    """A call on ``tunnel_channel`` for a trio task; events go to ``dispatch``."""
-    if timeout is not None:
-        timeout_deadline = Deadline.from_timeout(timeout)
-        deadline = timeout_deadline if deadline is None else min(deadline, timeout_deadline)
-    tunnel, codec, details_codec = _layer.call_parts(tunnel_channel)
-    return TrioClientStream(
-        tunnel,
-        name,
-        MultiDict(metadata or ()),
-        cardinality,
-        request_type,
-        reply_type,
-        codec=codec,
-        status_details_codec=details_codec,
-        dispatch=dispatch,
-        deadline=deadline,
-    )
+def asyncio_channel(channel: grpclib.client.Channel) -> grpclib.client.Channel:
+    """The asyncio channel under a trio one (tunnels nest), or ``channel`` itself."""
+    aio = getattr(channel, "aio", None)
+    return aio if isinstance(aio, grpclib.client.Channel) else channel
 
 
-class TunnelChannel(grpclib.client.Channel):
+class _TrioChannel(grpclib.client.Channel):
+    """What the trio channels share: calls driven by the calling trio task."""
+
+    aio: Any
+
+    # grpclib's Channel.__init__ is deliberately not called (no connection).
+    def __init__(self, aio: Any) -> None:
+        self.aio = aio
+        self._protocol = None
+
+    def _call_parts(self) -> tuple[Any, Any, Any]:
+        """The next call's tunnel (or trio function finding it) and codecs."""
+        raise NotImplementedError
+
+    def request(
+        self,
+        name: str,
+        cardinality: Cardinality,
+        request_type: type[_SendType],
+        reply_type: type[_RecvType],
+        *,
+        timeout: float | None = None,
+        deadline: Deadline | None = None,
+        metadata: _MetadataLike | None = None,
+    ) -> TrioClientStream[_SendType, _RecvType]:
+        if timeout is not None:
+            timeout_deadline = Deadline.from_timeout(timeout)
+            deadline = timeout_deadline if deadline is None else min(deadline, timeout_deadline)
+        tunnel, codec, details_codec = self._call_parts()
+        return TrioClientStream(
+            tunnel,
+            name,
+            MultiDict(metadata or ()),
+            cardinality,
+            request_type,
+            reply_type,
+            codec=codec,
+            status_details_codec=details_codec,
+            dispatch=self.aio.__dispatch__,
+            deadline=deadline,
+        )
+
+    async def __connect__(self) -> Any:
+        raise RuntimeError(f"a {type(self).__name__} has no connection of its own")
+
+    def __del__(self) -> None:
+        pass  # grpclib's warns about an HTTP/2 connection we never have
+
+    def __repr__(self) -> str:
+        return f"<trio {self.aio!r}>"
+
+
+class TunnelChannel(_TrioChannel):
     """A tunnel's channel for trio code: every call reaches the tunnel's backend.
 
     ``aio`` is the asyncio ``tunnel.TunnelChannel`` underneath (for event
     listeners, and to nest tunnels: ``open_tunnel`` takes either).
     """
 
-    # grpclib's Channel.__init__ is deliberately not called (no connection).
-    def __init__(self, aio: _aio_channel.TunnelChannel) -> None:
-        self.aio = aio
-        self._protocol = None
+    aio: _aio_channel.TunnelChannel
+
+    def _call_parts(self) -> tuple[Any, Any, Any]:
+        return _layer.call_parts(self.aio)
 
     @property
     def peer(self) -> Peer | None:
@@ -93,32 +121,6 @@ class TunnelChannel(grpclib.client.Channel):
     def metadata(self) -> MultiDict[Any]:
         """The metadata the tunnel was opened with."""
         return self.aio.metadata
-
-    def request(
-        self,
-        name: str,
-        cardinality: Cardinality,
-        request_type: type[_SendType],
-        reply_type: type[_RecvType],
-        *,
-        timeout: float | None = None,
-        deadline: Deadline | None = None,
-        metadata: _MetadataLike | None = None,
-    ) -> TrioClientStream[_SendType, _RecvType]:
-        return call_on(
-            self.aio,
-            self.aio.__dispatch__,
-            name,
-            cardinality,
-            request_type,
-            reply_type,
-            timeout,
-            deadline,
-            metadata,
-        )
-
-    async def __connect__(self) -> Any:
-        raise RuntimeError("a TunnelChannel has no connection of its own")
 
     def close(self) -> None:
         """Cancel every call in flight and end the tunnel."""
@@ -145,24 +147,18 @@ class TunnelChannel(grpclib.client.Channel):
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
-    def __del__(self) -> None:
-        pass  # grpclib's warns about an HTTP/2 connection we never have
 
-    def __repr__(self) -> str:
-        return f"<trio {self.aio!r}>"
-
-
-class ReverseChannel(grpclib.client.Channel):
+class ReverseChannel(_TrioChannel):
     """A pool of reverse tunnels as one channel, for trio code (round-robin).
 
     With no tunnel in the pool a call fails at once with UNAVAILABLE, as
     with asyncio.  ``aio`` is the asyncio ``tunnel.ReverseChannel``.
     """
 
-    # grpclib's Channel.__init__ is deliberately not called (no connection).
-    def __init__(self, aio: _aio_reverse.ReverseChannel) -> None:
-        self.aio = aio
-        self._protocol = None
+    aio: _aio_reverse.ReverseChannel
+
+    def _call_parts(self) -> tuple[Any, Any, Any]:
+        return _layer.call_parts(_layer.pick_reverse(self.aio))
 
     def is_ready(self) -> bool:
         """True if a call made now has a tunnel to go to."""
@@ -172,37 +168,70 @@ class ReverseChannel(grpclib.client.Channel):
         """Return as soon as the pool has a usable tunnel (bound it yourself)."""
         await hop(self.aio.wait_ready)
 
-    def request(
-        self,
-        name: str,
-        cardinality: Cardinality,
-        request_type: type[_SendType],
-        reply_type: type[_RecvType],
-        *,
-        timeout: float | None = None,
-        deadline: Deadline | None = None,
-        metadata: _MetadataLike | None = None,
-    ) -> TrioClientStream[_SendType, _RecvType]:
-        return call_on(
-            _layer.pick_reverse(self.aio),
-            self.aio.__dispatch__,
-            name,
-            cardinality,
-            request_type,
-            reply_type,
-            timeout,
-            deadline,
-            metadata,
-        )
-
-    async def __connect__(self) -> Any:
-        raise RuntimeError("a ReverseChannel has no connection of its own")
-
     def close(self) -> None:
         """Nothing to close: the tunnels belong to their handler."""
 
-    def __del__(self) -> None:
-        pass
 
-    def __repr__(self) -> str:
-        return f"<trio {self.aio!r}>"
+class ReconnectingTunnelChannel(_TrioChannel):
+    """``tunnel.ReconnectingTunnelChannel`` for trio: a forward channel that heals.
+
+    It reopens its tunnel when it drops, with the asyncio class's policy
+    (keyword arguments passed through).  A call made while a tunnel is open
+    goes to it at once; while there is none, it waits or fails fast as that
+    policy says, bounded by the call's deadline and cancelled with its trio
+    scope.  ``aio`` is the asyncio channel underneath.
+    """
+
+    aio: _aio_reconnecting.ReconnectingTunnelChannel
+
+    def __init__(self, channel: grpclib.client.Channel, **kwargs: Any) -> None:
+        super().__init__(
+            _aio_reconnecting.ReconnectingTunnelChannel(
+                asyncio_channel(channel), **asyncio_kwargs(kwargs)
+            )
+        )
+
+    def _call_parts(self) -> tuple[Any, Any, Any]:
+        return _layer.reconnecting_call_parts(self.aio)
+
+    @property
+    def tunnel(self) -> TunnelChannel | None:
+        """The tunnel calls go to now, if one is open."""
+        current = self.aio.tunnel
+        return None if current is None else TunnelChannel(current)
+
+    @property
+    def tunnels_opened(self) -> int:
+        return self.aio.tunnels_opened
+
+    @property
+    def error(self) -> BaseException | None:
+        return self.aio.error
+
+    @property
+    def closed(self) -> bool:
+        return self.aio.closed
+
+    async def wait_ready(self) -> TunnelChannel:
+        """Wait for an open tunnel (bound it yourself); raise if there will be none."""
+        return TunnelChannel(await hop(self.aio.wait_ready))
+
+    def close(self) -> None:
+        self.aio.close()
+
+    async def wait_closed(self) -> None:
+        await hop(self.aio.wait_closed)
+
+    async def aclose(self) -> None:
+        """Close, and wait (shielded, bounded) until its tunnel and tasks are over."""
+        self.close()
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(_layer.reconnecting_close_timeout(self.aio) + CLOSE_MARGIN):
+                await self.wait_closed()
+
+    async def __aenter__(self) -> ReconnectingTunnelChannel:
+        await hop(self.aio.__aenter__)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()

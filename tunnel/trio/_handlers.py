@@ -20,11 +20,11 @@ from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import Any
 
 import grpclib.server
-from grpclib._typing import IServable
 from grpclib.const import Handler
 from grpclib.exceptions import ProtocolError
 
 from .._server_stream import TunnelServerStream
+from .._typing import Servable
 from ._bridge import hop, trio_flavoured
 from ._streams import prepare_server_stream
 
@@ -93,7 +93,7 @@ def _trio_handler(func: Callable[[Any], Awaitable[None]]) -> Callable[[Any], Awa
 class TrioHandlers:
     """Servables whose handlers are trio code, ready for the asyncio layer."""
 
-    def __init__(self, servables: Collection[IServable]) -> None:
+    def __init__(self, servables: Collection[Servable]) -> None:
         self._servables = list(servables)
 
     def __mapping__(self) -> Mapping[str, Handler]:
@@ -112,7 +112,7 @@ class TrioHandlers:
 class AsyncioHandlers:
     """Servables whose handlers are asyncio code (grpclib's Health, say): as they are."""
 
-    def __init__(self, servables: Collection[IServable]) -> None:
+    def __init__(self, servables: Collection[Servable]) -> None:
         self._servables = list(servables)
 
     def __mapping__(self) -> Mapping[str, Handler]:
@@ -122,19 +122,19 @@ class AsyncioHandlers:
         return mapping
 
 
-def asyncio_handlers(*servables: IServable) -> AsyncioHandlers:
+def asyncio_handlers(*servables: Servable) -> AsyncioHandlers:
     """Mark servables as asyncio code, to serve them unchanged beside trio ones."""
     return AsyncioHandlers(servables)
 
 
-def trio_handlers(servables: Collection[Any]) -> list[IServable]:
+def trio_handlers(servables: Collection[Any]) -> list[Servable]:
     """``servables`` for the asyncio layer: trio code wrapped, the rest as is.
 
     Already-bridged objects (``asyncio_handlers(...)``, this module's
     ``TunnelServiceHandler``, anything with an ``aio_servable``) pass
     unchanged; every other servable is trio code.
     """
-    result: list[IServable] = []
+    result: list[Servable] = []
     for servable in servables:
         bridged = getattr(servable, "aio_servable", None)
         if bridged is not None:

@@ -13,6 +13,9 @@ The touches, one line each (keep this list in step with the code):
   (to build a call on it); ``ClientTunnel.options``.
 * ``ReverseChannel``: ``_pools.pick(_key)`` and ``_description`` (which
   tunnel a call goes to, and the UNAVAILABLE message when there is none).
+* ``ReconnectingTunnelChannel``: ``_acquire()`` (the tunnel for a call,
+  waiting or failing fast by its policy), ``_codec``,
+  ``_status_details_codec`` and ``_options``.
 * ``ClientTunnel.driver`` / ``ServerTunnel.driver`` and ``.core``: queue a
   frame, wake the writer, read how much a stream has queued; and
   ``_driver.SEND_BUFFER``, the amount past which a sender waits.
@@ -28,15 +31,19 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
 from .._driver import SEND_BUFFER, Driver
+from .._reconnecting import ReconnectingTunnelChannel
 from .._server_stream import TunnelServerStream
 from ..channel import TunnelChannel
 from ..reverse import ReverseChannel
+from ._bridge import hop
 
 __all__ = [
     "call_parts",
     "close_timeout",
     "pick_reverse",
     "queued_within_buffer",
+    "reconnecting_call_parts",
+    "reconnecting_close_timeout",
     "server_stream_parts",
     "set_server_stream_parts",
 ]
@@ -50,6 +57,28 @@ def call_parts(channel: TunnelChannel) -> tuple[Any, Any, Any]:
 def close_timeout(channel: TunnelChannel) -> float:
     """How long the tunnel gives its peer to end the carrying call."""
     timeout: float = channel._tunnel.options.close_timeout
+    return timeout
+
+
+def reconnecting_call_parts(channel: ReconnectingTunnelChannel) -> tuple[Any, Any, Any]:
+    """A trio function finding the next call's tunnel, and the channel's codecs.
+
+    With a tunnel open it returns it without a crossing; otherwise it waits
+    in asyncio, by the channel's own policy, for one.
+    """
+
+    async def acquire() -> Any:
+        current = channel.tunnel
+        if current is not None:
+            return current._tunnel
+        return await hop(channel._acquire)
+
+    return acquire, channel._codec, channel._status_details_codec
+
+
+def reconnecting_close_timeout(channel: ReconnectingTunnelChannel) -> float:
+    """How long the channel's tunnels give their peer to end the carrying call."""
+    timeout: float = channel._options.close_timeout
     return timeout
 
 

@@ -131,11 +131,26 @@ class _ClientTunnelView:
 
 
 class TrioClientStream(TunnelClientStream[_SendType, _RecvType], Generic[_SendType, _RecvType]):
-    """A tunneled call (grpclib's client ``Stream`` API) for trio tasks."""
+    """A tunneled call (grpclib's client ``Stream`` API) for trio tasks.
+
+    ``tunnel`` is the call's ``ClientTunnel``, or a trio-flavoured async
+    function that finds it when the request goes out (a channel that
+    reopens its tunnels).
+    """
 
     def __init__(self, tunnel: Any, *args: Any, **kwargs: Any) -> None:
-        # The view stands for the ClientTunnel: same attributes, trio-aware waits.
-        super().__init__(cast("ClientTunnel", _ClientTunnelView(tunnel)), *args, **kwargs)
+        source: Any
+        if callable(tunnel):
+            acquire = tunnel
+
+            async def acquire_view() -> ClientTunnel:
+                return cast("ClientTunnel", _ClientTunnelView(await acquire()))
+
+            source = acquire_view
+        else:
+            # The view stands for the ClientTunnel: same attributes, trio-aware waits.
+            source = cast("ClientTunnel", _ClientTunnelView(tunnel))
+        super().__init__(source, *args, **kwargs)
         self._changed = Signal()  # type: ignore[assignment]
 
     async def __aenter__(self) -> TrioClientStream[_SendType, _RecvType]:
