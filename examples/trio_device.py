@@ -29,7 +29,7 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
 import tunnel.trio
-from tunnel.testing._pb.grpchantesting import Message, TestServiceBase, TestServiceStub
+from tunnel.testing import Message, TestServiceBase, TestServiceStub
 
 
 class Thermometer(TestServiceBase):
