@@ -35,23 +35,23 @@ from .workloads import FULL, QUICK, UNARY_PAYLOAD, Budget
 ROUNDS = {"full": 5, "quick": 2}
 
 
-def _rate(calls: int, seconds: float) -> float:
-    return calls / seconds if seconds else 0.0
+async def _unary_rate(client: grpclib_side.GrpclibClient, budget: Budget) -> float:
+    """Unary calls/s, back to back, after a warm-up; awaited from asyncio or trio alike."""
+    end = time.perf_counter() + budget.warmup
+    while time.perf_counter() < end:
+        await client.unary(UNARY_PAYLOAD)
+    calls = 0
+    start = time.perf_counter()
+    end = start + budget.duration
+    while time.perf_counter() < end:
+        await client.unary(UNARY_PAYLOAD)
+        calls += 1
+    return calls / (time.perf_counter() - start)
 
 
 async def _asyncio_round(pb: ModuleType, budget: Budget) -> float:
     async with grpclib_side.transport("forward", pb) as setup:
-        client = setup.client
-        end = time.perf_counter() + budget.warmup
-        while time.perf_counter() < end:
-            await client.unary(UNARY_PAYLOAD)
-        calls = 0
-        start = time.perf_counter()
-        end = start + budget.duration
-        while time.perf_counter() < end:
-            await client.unary(UNARY_PAYLOAD)
-            calls += 1
-        return _rate(calls, time.perf_counter() - start)
+        return await _unary_rate(setup.client, budget)
 
 
 async def _trio_round(pb: ModuleType, budget: Budget, trio_handler: bool) -> float:
@@ -62,17 +62,7 @@ async def _trio_round(pb: ModuleType, budget: Budget, trio_handler: bool) -> flo
         network = grpclib.client.Channel("127.0.0.1", port)
         try:
             async with tunnel.trio.open_tunnel(network) as channel:
-                client = grpclib_side.GrpclibClient(channel, pb)
-                end = time.perf_counter() + budget.warmup
-                while time.perf_counter() < end:
-                    await client.unary(UNARY_PAYLOAD)
-                calls = 0
-                start = time.perf_counter()
-                end = start + budget.duration
-                while time.perf_counter() < end:
-                    await client.unary(UNARY_PAYLOAD)
-                    calls += 1
-                rate = _rate(calls, time.perf_counter() - start)
+                rate = await _unary_rate(grpclib_side.GrpclibClient(channel, pb), budget)
         finally:
             network.close()
         nursery.cancel_scope.cancel()

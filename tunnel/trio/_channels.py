@@ -92,7 +92,36 @@ class _TrioChannel(grpclib.client.Channel):
         return f"<trio {self.aio!r}>"
 
 
-class TunnelChannel(_TrioChannel):
+class _ClosableTrioChannel(_TrioChannel):
+    """A trio channel that owns what it calls through, and closes it."""
+
+    def _close_timeout(self) -> float:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Cancel every call in flight and end the tunnel."""
+        self.aio.close()
+
+    async def wait_closed(self) -> None:
+        """Wait until the tunnel and everything of this channel are over."""
+        await hop(self.aio.wait_closed)
+
+    async def aclose(self) -> None:
+        """``close()``, then wait (shielded, bounded) until ``wait_closed()`` returns.
+
+        Shielded so that leaving a cancelled scope still leaves nothing of
+        the tunnel running; bounded by the tunnel's ``close_timeout``.
+        """
+        self.close()
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(self._close_timeout() + CLOSE_MARGIN):
+                await self.wait_closed()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+
+class TunnelChannel(_ClosableTrioChannel):
     """A tunnel's channel for trio code: every call reaches the tunnel's backend.
 
     ``aio`` is the asyncio ``tunnel.TunnelChannel`` underneath (for event
@@ -122,30 +151,11 @@ class TunnelChannel(_TrioChannel):
         """The metadata the tunnel was opened with."""
         return self.aio.metadata
 
-    def close(self) -> None:
-        """Cancel every call in flight and end the tunnel."""
-        self.aio.close()
-
-    async def wait_closed(self) -> None:
-        """Wait until the tunnel and its carrying call are over."""
-        await hop(self.aio.wait_closed)
-
-    async def aclose(self) -> None:
-        """Close, and wait (shielded, bounded) until the tunnel is over.
-
-        Shielded so that leaving a cancelled scope still leaves nothing of
-        the tunnel running; bounded by the tunnel's ``close_timeout``.
-        """
-        self.close()
-        with trio.CancelScope(shield=True):
-            with trio.move_on_after(_layer.close_timeout(self.aio) + CLOSE_MARGIN):
-                await self.wait_closed()
+    def _close_timeout(self) -> float:
+        return _layer.close_timeout(self.aio)
 
     async def __aenter__(self) -> TunnelChannel:
         return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
 
 
 class ReverseChannel(_TrioChannel):
@@ -172,7 +182,7 @@ class ReverseChannel(_TrioChannel):
         """Nothing to close: the tunnels belong to their handler."""
 
 
-class ReconnectingTunnelChannel(_TrioChannel):
+class ReconnectingTunnelChannel(_ClosableTrioChannel):
     """``tunnel.ReconnectingTunnelChannel`` for trio: a forward channel that heals.
 
     It reopens its tunnel when it drops, with the asyncio class's policy
@@ -216,22 +226,9 @@ class ReconnectingTunnelChannel(_TrioChannel):
         """Wait for an open tunnel (bound it yourself); raise if there will be none."""
         return TunnelChannel(await hop(self.aio.wait_ready))
 
-    def close(self) -> None:
-        self.aio.close()
-
-    async def wait_closed(self) -> None:
-        await hop(self.aio.wait_closed)
-
-    async def aclose(self) -> None:
-        """Close, and wait (shielded, bounded) until its tunnel and tasks are over."""
-        self.close()
-        with trio.CancelScope(shield=True):
-            with trio.move_on_after(_layer.reconnecting_close_timeout(self.aio) + CLOSE_MARGIN):
-                await self.wait_closed()
+    def _close_timeout(self) -> float:
+        return _layer.reconnecting_close_timeout(self.aio)
 
     async def __aenter__(self) -> ReconnectingTunnelChannel:
         await hop(self.aio.__aenter__)
         return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()

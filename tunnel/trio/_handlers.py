@@ -90,36 +90,32 @@ def _trio_handler(func: Callable[[Any], Awaitable[None]]) -> Callable[[Any], Awa
     return handle
 
 
-class TrioHandlers:
+class _Handlers:
+    """Servables bridged for the asyncio layer, as one servable."""
+
+    def __init__(self, servables: Collection[Servable]) -> None:
+        self._servables = list(servables)
+
+    def _bridge(self, handler: Handler) -> Handler:
+        return handler
+
+    def __mapping__(self) -> Mapping[str, Handler]:
+        return {
+            name: self._bridge(handler)
+            for servable in self._servables
+            for name, handler in servable.__mapping__().items()
+        }
+
+
+class TrioHandlers(_Handlers):
     """Servables whose handlers are trio code, ready for the asyncio layer."""
 
-    def __init__(self, servables: Collection[Servable]) -> None:
-        self._servables = list(servables)
-
-    def __mapping__(self) -> Mapping[str, Handler]:
-        mapping: dict[str, Handler] = {}
-        for servable in self._servables:
-            for name, handler in servable.__mapping__().items():
-                mapping[name] = Handler(
-                    _trio_handler(handler.func),
-                    handler.cardinality,
-                    handler.request_type,
-                    handler.reply_type,
-                )
-        return mapping
+    def _bridge(self, handler: Handler) -> Handler:
+        return handler._replace(func=_trio_handler(handler.func))
 
 
-class AsyncioHandlers:
+class AsyncioHandlers(_Handlers):
     """Servables whose handlers are asyncio code (grpclib's Health, say): as they are."""
-
-    def __init__(self, servables: Collection[Servable]) -> None:
-        self._servables = list(servables)
-
-    def __mapping__(self) -> Mapping[str, Handler]:
-        mapping: dict[str, Handler] = {}
-        for servable in self._servables:
-            mapping.update(servable.__mapping__())
-        return mapping
 
 
 def asyncio_handlers(*servables: Servable) -> AsyncioHandlers:
@@ -139,7 +135,7 @@ def trio_handlers(servables: Collection[Any]) -> list[Servable]:
         bridged = getattr(servable, "aio_servable", None)
         if bridged is not None:
             result.append(bridged)
-        elif isinstance(servable, AsyncioHandlers | TrioHandlers):
+        elif isinstance(servable, _Handlers):
             result.append(servable)
         else:
             result.append(TrioHandlers([servable]))
