@@ -98,6 +98,16 @@ class _ClosableTrioChannel(_TrioChannel):
     def _close_timeout(self) -> float:
         raise NotImplementedError
 
+    @property
+    def error(self) -> BaseException | None:
+        """Why the (last) tunnel ended other than by a clean close; see ``aio.error``."""
+        error: BaseException | None = self.aio.error
+        return error
+
+    @property
+    def closed(self) -> bool:
+        return bool(self.aio.closed)
+
     def close(self) -> None:
         """Cancel every call in flight and end the tunnel."""
         self.aio.close()
@@ -136,15 +146,6 @@ class TunnelChannel(_ClosableTrioChannel):
     @property
     def peer(self) -> Peer | None:
         return self.aio.peer
-
-    @property
-    def error(self) -> BaseException | None:
-        """Why the tunnel closed; None while open or after a clean close."""
-        return self.aio.error
-
-    @property
-    def closed(self) -> bool:
-        return self.aio.closed
 
     @property
     def metadata(self) -> MultiDict[Any]:
@@ -213,14 +214,6 @@ class ReconnectingTunnelChannel(_ClosableTrioChannel):
     @property
     def tunnels_opened(self) -> int:
         return self.aio.tunnels_opened
-
-    @property
-    def error(self) -> BaseException | None:
-        return self.aio.error
-
-    @property
-    def closed(self) -> bool:
-        return self.aio.closed
 
     async def wait_ready(self) -> TunnelChannel:
         """Wait for an open tunnel (bound it yourself); raise if there will be none."""
