@@ -236,3 +236,47 @@ async def test_forward_and_reverse_through_one_trio_router() -> None:
                 Message()
             )
         assert missing.value.status is Status.UNAVAILABLE
+
+
+async def test_device_fallbacks_proxy_and_trio_code() -> None:
+    """``fallback=``: a ``tunnel.Proxy`` (asyncio code) or an ``async def`` (trio code)."""
+    seen: list[str] = []
+
+    async def trio_fallback(method_name: str, stream: Any) -> None:
+        seen.append(method_name)
+        async for request in stream:  # waits for each message: trio waits
+            await trio.sleep(0)
+            reply = Message(payload=b"fallback:" + Message.FromString(request.data).payload)
+            await stream.send_message(tunnel.RawMessage(reply.SerializeToString()))
+
+    async with (
+        network_server([TrioTestService("backend")]) as backend_server,
+        grpclib_channel(backend_server.port) as backend_network,
+        tunnel.trio.open_tunnel(backend_network) as backend,
+        network_server() as router,
+        grpclib_channel(router.port) as uplink,
+        trio.open_nursery() as nursery,
+    ):
+        proxying = tunnel.trio.ReverseTunnelServer(uplink, [], fallback=tunnel.Proxy(backend.aio))
+        nursery.start_soon(lambda: proxying.serve_forever({DEVICE_KEY: "proxying"}))
+        answering = tunnel.trio.ReverseTunnelServer(uplink, [], fallback=trio_fallback)
+        nursery.start_soon(lambda: answering.serve_forever({DEVICE_KEY: "answering"}))
+        with trio.fail_after(TIMEOUT):
+            await router.handler.key_as_channel("proxying").wait_ready()
+            await router.handler.key_as_channel("answering").wait_ready()
+            proxied = await test_grpc.TestServiceStub(
+                router.handler.key_as_channel("proxying")
+            ).Unary(Message(payload=b"p"))
+            answering_stub = test_grpc.TestServiceStub(router.handler.key_as_channel("answering"))
+            answered = []
+            async with answering_stub.BidiStream.open() as call:
+                for payload in (b"a", b"b"):  # one at a time: the handler waits between
+                    await call.send_message(Message(payload=payload))
+                    reply = await call.recv_message()
+                    assert reply is not None
+                    answered.append(reply.payload)
+                await call.end()
+        assert proxied.payload == b"backend:p"
+        assert answered == [b"fallback:a", b"fallback:b"]
+        assert seen == ["/grpchantesting.TestService/BidiStream"]
+        nursery.cancel_scope.cancel()

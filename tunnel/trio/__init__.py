@@ -35,6 +35,7 @@ docs/trio.md says why it is built this way, with measurements.
 
 from __future__ import annotations
 
+import inspect
 import socket
 from collections.abc import Collection, Generator, Hashable
 from typing import Any
@@ -56,7 +57,7 @@ from ._channels import (
     TunnelChannel,
     asyncio_channel,
 )
-from ._handlers import asyncio_handlers, trio_handlers
+from ._handlers import asyncio_handlers, trio_fallback, trio_handlers
 from ._loop import open_loop
 
 __all__ = [
@@ -129,7 +130,7 @@ class ReverseTunnelServer:
         self, channel: grpclib.client.Channel, handlers: Collection[Any], **kwargs: Any
     ) -> None:
         self.aio = _aio_reverse.ReverseTunnelServer(
-            asyncio_channel(channel), trio_handlers(handlers), **asyncio_kwargs(kwargs)
+            asyncio_channel(channel), trio_handlers(handlers), **_server_kwargs(kwargs)
         )
 
     @property
@@ -176,6 +177,20 @@ class ReverseTunnelServer:
         await hop(self.aio.wait_closed)
 
 
+def _server_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Keyword arguments of a serving class for the asyncio layer.
+
+    A ``fallback`` written as an ``async def`` function is a trio handler
+    (``Proxy`` and other objects are asyncio code and pass unchanged);
+    other async functions are trio callbacks.
+    """
+    fallback = kwargs.get("fallback")
+    bridged = asyncio_kwargs(kwargs)
+    if inspect.iscoroutinefunction(fallback):
+        bridged["fallback"] = trio_fallback(fallback)
+    return bridged
+
+
 def _listening_socket(host: str | None, port: int | None) -> socket.socket:
     """A bound TCP socket; IPPROTO_TCP so that asyncio sets TCP_NODELAY on accepts."""
     family = socket.AF_INET6 if host and ":" in host else socket.AF_INET
@@ -203,7 +218,7 @@ class TunnelServiceHandler:
 
     def __init__(self, handlers: Collection[Any] = (), **kwargs: Any) -> None:
         self.aio = _aio_handler.TunnelServiceHandler(
-            trio_handlers(handlers), **asyncio_kwargs(kwargs)
+            trio_handlers(handlers), **_server_kwargs(kwargs)
         )
 
     @property

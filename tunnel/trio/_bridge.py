@@ -177,14 +177,13 @@ def asyncio_callable(value: Any) -> Any:
     """``value`` as the asyncio layer should get it: async functions run as trio code.
 
     Callbacks a trio program passes (``metadata=`` providers, open/close
-    hooks) are trio code if they are async; the asyncio layer awaits them
-    in asyncio, so they are wrapped to run as trio tasks.  Anything else
-    passes unchanged.
+    hooks) are trio code if they are ``async def`` functions (or bound
+    methods); the asyncio layer awaits them in asyncio, so they are wrapped
+    to run as trio tasks.  Anything else passes unchanged, objects with an
+    async ``__call__`` included: those come from libraries (``tunnel.Proxy``)
+    and are asyncio code.
     """
-    if callable(value) and (
-        inspect.iscoroutinefunction(value)
-        or inspect.iscoroutinefunction(getattr(value, "__call__", None))  # noqa: B004
-    ):
+    if inspect.iscoroutinefunction(value):
         return trio_flavoured(value)
     return value
 

@@ -16,6 +16,7 @@ crossing.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import Any
 
@@ -28,7 +29,13 @@ from .._typing import Servable
 from ._bridge import hop, trio_flavoured
 from ._streams import prepare_server_stream
 
-__all__ = ["AsyncioHandlers", "TrioHandlers", "asyncio_handlers", "trio_handlers"]
+__all__ = [
+    "AsyncioHandlers",
+    "TrioHandlers",
+    "asyncio_handlers",
+    "trio_fallback",
+    "trio_handlers",
+]
 
 
 class _HoppingServerStream:
@@ -88,6 +95,19 @@ def _trio_handler(func: Callable[[Any], Awaitable[None]]) -> Callable[[Any], Awa
             await direct(_HoppingServerStream(stream))
 
     return handle
+
+
+def trio_fallback(func: Callable[..., Awaitable[None]]) -> Callable[[str, Any], Awaitable[None]]:
+    """A fallback (``await fallback(method_name, stream)``) written as trio code.
+
+    Served as a trio handler is: one trio task per call, waiting on its
+    stream the trio way.
+    """
+
+    async def fallback(method_name: str, stream: Any) -> None:
+        await _trio_handler(functools.partial(func, method_name))(stream)
+
+    return fallback
 
 
 class _Handlers:

@@ -1,4 +1,9 @@
-"""The touches of grpclib's private parts in tunnel/_seam.py still work."""
+"""What ``tunnel._seam`` assumes of grpclib's server and task lookup, checked against grpclib.
+
+``record_connections``/``drop_connections`` (what ``tunnel.trio.serve``
+uses to stop a server as a process exit would) and
+``follow_asyncio_current_task`` (grpclib under trio-asyncio).
+"""
 
 from __future__ import annotations
 
