@@ -39,6 +39,8 @@ class Seen:
     """What a trio handler saw, for the test to check from outside."""
 
     received: trio.Event = field(default_factory=trio.Event)
+    #: Set by the test to let calls with the payload ``b"hold"`` finish.
+    release: trio.Event = field(default_factory=trio.Event)
     started: trio.Event = field(default_factory=trio.Event)
     cancelled: trio.Event = field(default_factory=trio.Event)
     finished: trio.Event = field(default_factory=trio.Event)
@@ -51,7 +53,8 @@ class TrioTestService(test_grpc.TestServiceBase):
 
     Unary replies ``<name>:<payload>``, after taking a trio lock and running
     its work in a nursery inside a cancel scope; a request whose payload is
-    ``b"block"`` blocks until cancelled (recorded in ``seen``), and a
+    ``b"block"`` blocks until cancelled (recorded in ``seen``), one whose
+    payload is ``b"hold"`` waits for ``seen.release``, and a
     non-zero ``code`` fails the call with that status.
     """
 
@@ -66,6 +69,9 @@ class TrioTestService(test_grpc.TestServiceBase):
         assert request is not None
         self.seen.metadata.append(dict(stream.metadata or {}))
         self.seen.received.set()
+        if request.payload == b"hold":
+            self.seen.started.set()
+            await self.seen.release.wait()
         if request.payload == b"block":
             self.seen.started.set()
             try:

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
@@ -280,3 +281,41 @@ async def test_device_fallbacks_proxy_and_trio_code() -> None:
         assert answered == [b"fallback:a", b"fallback:b"]
         assert seen == ["/grpchantesting.TestService/BidiStream"]
         nursery.cancel_scope.cancel()
+
+
+async def test_graceful_stop_of_one_trio_device_loses_no_trio_call() -> None:
+    """A rolling restart seen from trio: the refused call goes, once, to the other device."""
+    stopping, staying = TrioTestService("stopping"), TrioTestService("staying")
+    both_open = trio.Event()
+    opened: list[Any] = []
+
+    def on_open(channel: Any) -> None:
+        opened.append(channel)
+        if len(opened) == 2:
+            both_open.set()
+
+    async with (
+        network_server(on_reverse_tunnel_open=on_open) as router,
+        device(router.port, [stopping], "k") as first,
+    ):
+        pool = router.handler.key_as_channel("k")
+        with trio.fail_after(TIMEOUT):
+            await pool.wait_ready()
+        async with device(router.port, [staying], "k"), trio.open_nursery() as calls:
+            with trio.fail_after(TIMEOUT):
+                await both_open.wait()
+            stub = test_grpc.TestServiceStub(pool)
+            held: list[bytes] = []
+
+            async def hold() -> None:  # keeps the stopping device draining
+                held.append((await stub.Unary(Message(payload=b"hold"))).payload)
+
+            calls.start_soon(hold)
+            with trio.fail_after(TIMEOUT):
+                await stopping.seen.started.wait()
+                calls.start_soon(first.graceful_stop)
+                await trio.testing.wait_all_tasks_blocked()  # the stop has begun
+                answers = [(await stub.Unary(Message(payload=b"x"))).payload for _ in range(20)]
+            assert set(answers) == {b"staying:x"}
+            stopping.seen.release.set()
+        assert held == [b"stopping:hold"]

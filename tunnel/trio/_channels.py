@@ -54,6 +54,10 @@ class _TrioChannel(grpclib.client.Channel):
         """The next call's tunnel (or trio function finding it) and codecs."""
         raise NotImplementedError
 
+    def _call_options(self) -> dict[str, Any]:
+        """More keyword arguments of the call's stream (none by default)."""
+        return {}
+
     def request(
         self,
         name: str,
@@ -80,6 +84,7 @@ class _TrioChannel(grpclib.client.Channel):
             status_details_codec=details_codec,
             dispatch=self.aio.__dispatch__,
             deadline=deadline,
+            **self._call_options(),
         )
 
     async def __connect__(self) -> Any:
@@ -170,6 +175,11 @@ class ReverseChannel(_TrioChannel):
 
     def _call_parts(self) -> tuple[Any, Any, Any]:
         return _layer.call_parts(_layer.pick_reverse(self.aio))
+
+    def _call_options(self) -> dict[str, Any]:
+        # As the asyncio pool does: a call its tunnel refuses (draining) is
+        # started again, once, on another tunnel of the pool.
+        return {"pick_another": _layer.reverse_pick_another(self.aio)}
 
     def is_ready(self) -> bool:
         """True if a call made now has a tunnel to go to."""

@@ -12,7 +12,8 @@ The touches, one line each (keep this list in step with the code):
 * ``TunnelChannel``: ``_tunnel``, ``_codec``, ``_status_details_codec``
   (to build a call on it); ``ClientTunnel.options``.
 * ``ReverseChannel``: ``_pools.pick(_key)`` and ``_description`` (which
-  tunnel a call goes to, and the UNAVAILABLE message when there is none).
+  tunnel a call goes to, and the UNAVAILABLE message when there is none),
+  ``_pick_tunnel`` (another tunnel for a call its first one refused).
 * ``ReconnectingTunnelChannel``: ``_acquire()`` (the tunnel for a call,
   waiting or failing fast by its policy), ``_codec``,
   ``_status_details_codec`` and ``_options``.
@@ -44,6 +45,7 @@ __all__ = [
     "queued_within_buffer",
     "reconnecting_call_parts",
     "reconnecting_close_timeout",
+    "reverse_pick_another",
     "server_stream_parts",
     "set_server_stream_parts",
 ]
@@ -91,6 +93,11 @@ def pick_reverse(channel: ReverseChannel) -> TunnelChannel:
     if picked is None:
         raise GRPCError(Status.UNAVAILABLE, f"no reverse tunnel {channel._description}")
     return picked
+
+
+def reverse_pick_another(channel: ReverseChannel) -> Any:
+    """What picks another tunnel of the pool for a refused call (``pick_another``)."""
+    return channel._pick_tunnel
 
 
 def queued_within_buffer(driver: Driver[Any, Any], stream_id: int) -> bool:

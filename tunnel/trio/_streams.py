@@ -135,10 +135,19 @@ class TrioClientStream(TunnelClientStream[_SendType, _RecvType], Generic[_SendTy
 
     ``tunnel`` is the call's ``ClientTunnel``, or a trio-flavoured async
     function that finds it when the request goes out (a channel that
-    reopens its tunnels).
+    reopens its tunnels); ``pick_another`` (from a pool) gives it another
+    tunnel if its first refuses it.
     """
 
     def __init__(self, tunnel: Any, *args: Any, **kwargs: Any) -> None:
+        pick_another = kwargs.get("pick_another")
+        if pick_another is not None:
+            # A retry on another tunnel of the pool keeps trio-aware waits.
+            def pick_view() -> ClientTunnel | None:
+                picked = pick_another()
+                return None if picked is None else cast("ClientTunnel", _ClientTunnelView(picked))
+
+            kwargs["pick_another"] = pick_view
         source: Any
         if callable(tunnel):
             acquire = tunnel
