@@ -246,12 +246,15 @@ async def test_health_on_the_main_port_and_admin_endpoints(
             assert status == 200, body
         status, body = await get(stack.agent.admin, "/readyz")
         assert "SERVING" in body  # the backend's own health service answered
+        await test_grpc.TestServiceStub(channel).Unary(message(), metadata=ROUTED)
 
         (tunnel,) = await tunnels(stack.router.admin)
         assert tunnel["key"] == KEY
         assert tunnel["agent_instance"] == stack.agent.instance
         assert tunnel["peer"].startswith("127.0.0.1:")
         assert tunnel["opened_at"].endswith("Z")
+        assert tunnel["statistics"]["streams_opened"] >= 1  # the call above
+        assert tunnel["statistics"]["age_seconds"] > 0
         agent_view = await tunnels(stack.agent.admin)
         assert agent_view["key"] == KEY
         (link,) = agent_view["routers"]
@@ -271,6 +274,10 @@ async def test_metrics_parse_and_count_calls(stack: Stack, stub: test_grpc.TestS
     assert after[ok] - before.get(ok, 0) == 3
     assert after[aborted] - before.get(aborted, 0) == 1
     assert after[("grpctunnel_router_tunnels", ())] == 1
+    opened = ("grpctunnel_router_tunnel_streams_opened_total", ())
+    assert after[opened] - before[opened] == 4
+    sent = ("grpctunnel_router_tunnel_sent_bytes_total", ())
+    assert after[sent] > before[sent]
     assert after[("grpctunnel_router_ready", ())] == 1
     assert all(name.startswith("grpctunnel_") for name, _ in after)
     # No label carries a key or a peer.

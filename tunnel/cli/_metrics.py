@@ -11,9 +11,10 @@ Two sources:
   ended with, and how many are in flight.
 * ``TunnelTotals`` turns the library's per-tunnel statistics
   (``TunnelChannel.statistics()``, ``ReverseTunnelServer.statistics()``)
-  into counters: what open tunnels report now, plus what closed tunnels
-  reported when they closed, so a counter never goes down when a tunnel
-  ends.
+  into metrics: gauges of the open tunnels and, where the program sees
+  every tunnel's last statistics when it closes (the router does, in its
+  close callback), counters: what open tunnels report now plus what closed
+  ones reported, so a counter never goes down when a tunnel ends.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from ..channel import TunnelChannel
 from ..fallback import Fallback
 from ..raw import RawMessage
 
@@ -45,7 +47,7 @@ __all__ = ["CallMeter", "TunnelTotals", "statistics_of"]
 
 # ``*_created`` series (a timestamp per counter) double the output and say
 # nothing a scraper does not know; only the programs import this module.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 #: Statistics fields that only grow, as (field, metric suffix, help).
 _COUNTED = (
@@ -63,12 +65,9 @@ _COUNTED = (
 )
 
 
-def statistics_of(source: Any) -> dict[str, Any] | None:
-    """A tunnel's statistics as a dict, or None if this library has none."""
-    statistics = getattr(source, "statistics", None)
-    if statistics is None:
-        return None
-    return dataclasses.asdict(statistics())
+def statistics_of(channel: TunnelChannel) -> dict[str, Any]:
+    """A tunnel's ``TunnelStatistics`` as a dict (for JSON and the totals)."""
+    return dataclasses.asdict(channel.statistics())
 
 
 #: The status of the forwarded call running in this task, once its trailers go out.
@@ -160,21 +159,26 @@ async def _on_trailers(event: SendTrailingMetadata) -> None:
 class TunnelTotals(Collector):
     """Counters and gauges from the statistics of every tunnel, open or closed."""
 
-    def __init__(self, program: str, open_tunnels: Callable[[], Iterable[dict[str, Any]]]) -> None:
+    def __init__(
+        self,
+        program: str,
+        open_tunnels: Callable[[], Iterable[dict[str, Any]]],
+        *,
+        counters: bool = True,
+    ) -> None:
         self._prefix = f"grpctunnel_{program}_tunnel"
         self._open = open_tunnels
+        self._counters = counters
         self._retired: dict[str, float] = {field: 0.0 for field, _, _ in _COUNTED}
 
-    def retire(self, statistics: dict[str, Any] | None) -> None:
+    def retire(self, statistics: dict[str, Any]) -> None:
         """A tunnel closed: keep what it counted."""
-        if statistics is None:
-            return
         for field, _, _ in _COUNTED:
             self._retired[field] += statistics.get(field, 0) or 0
 
     def collect(self) -> Iterator[Metric]:
         live = list(self._open())
-        for field, suffix, text in _COUNTED:
+        for field, suffix, text in _COUNTED if self._counters else ():
             total = self._retired[field] + sum(s.get(field, 0) or 0 for s in live)
             yield CounterMetricFamily(
                 f"{self._prefix}_{suffix.removesuffix('_total')}", text, value=total

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 import time
@@ -66,13 +67,8 @@ BACKEND_CHECK_TIMEOUT = 1.0
 
 
 def device_statistics(device: ReverseTunnelServer) -> list[dict[str, Any]]:
-    """The statistics of a device's open tunnels (empty without library support)."""
-    statistics = getattr(device, "statistics", None)
-    if statistics is None:
-        return []
-    import dataclasses
-
-    return [dataclasses.asdict(s) for s in statistics()]
+    """The statistics of a device's open tunnels."""
+    return [dataclasses.asdict(s) for s in device.statistics()]
 
 
 class RouterLink:
@@ -129,8 +125,12 @@ class Agent:
             device = ReverseTunnelServer(channel, [], options=options, fallback=metered)
             self.meter.listen_on(device)
             self.links.append(RouterLink(address, device, channel))
+        # Gauges only: a device's tunnel is gone before ``on_disconnected``
+        # runs, so its last statistics cannot be added to counters.
         self.totals = TunnelTotals(
-            "agent", lambda: [s for link in self.links for s in device_statistics(link.device)]
+            "agent",
+            lambda: [s for link in self.links for s in device_statistics(link.device)],
+            counters=False,
         )
         self.registry.register(self.totals)
         self.registry.register(_Connected(self))

@@ -106,14 +106,6 @@ def peer_text(peer: Peer | None) -> str:
     return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
 
 
-def active_streams(channel: TunnelChannel) -> int:
-    """Calls running in a reverse tunnel now."""
-    statistics = statistics_of(channel)
-    if statistics is not None:
-        return int(statistics["streams_active"])
-    return len(channel._tunnel.calls)
-
-
 def stop_new_calls(channel: TunnelChannel) -> None:
     """The tunnel's pool skips it from now on; its calls go on (library-sanctioned)."""
     channel._tunnel.draining = True
@@ -149,7 +141,7 @@ class Router:
         self.proxy = self.meter.wrap(Proxy(self._choose, drop_metadata=drop))
         self.totals = TunnelTotals(
             "router",
-            lambda: [s for r in self.records.values() if (s := statistics_of(r.channel))],
+            lambda: [statistics_of(r.channel) for r in self.records.values()],
         )
         self.registry.register(self.totals)
         self.registry.register(_OpenTunnels(self))
@@ -320,7 +312,7 @@ class Router:
             peer=record.peer,
             instance=record.instance,
             duration_seconds=round(time.monotonic() - record.opened_mono, 3),
-            calls=None if statistics is None else statistics["streams_opened"],
+            calls=statistics["streams_opened"],
             reason=reason,
         )
 
@@ -339,7 +331,7 @@ class Router:
         deadline = loop.time() + self.grace
         # No event says "the last call ended"; a tenth of a second is fine
         # for a tunnel that is going away anyway.
-        while not channel.closed and active_streams(channel) and loop.time() < deadline:
+        while not channel.closed and channel.statistics().streams_active and loop.time() < deadline:
             await asyncio.sleep(0.1)
         await channel.aclose()
 
