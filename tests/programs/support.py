@@ -255,10 +255,14 @@ class Agent(Process):
         )
         with self.stopped_on_failure():
             started = self.wait_event("agent_started")
+            self.admin: str = started["admin"]
+            self.instance: str = started["instance"]
             if wait:
-                self.wait_connected()
-        self.admin: str = started["admin"]
-        self.instance: str = started["instance"]
+                # The agent may log "connected" a moment before the router
+                # has put the tunnel in its pool: wait for the router's word.
+                for r in routers:
+                    if isinstance(r, Router):
+                        r.wait_event("tunnel_opened", instance=self.instance)
 
     def wait_connected(self, timeout: float = STARTUP, after: int = 0) -> Line:
         return self.wait_for(
