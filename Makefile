@@ -20,7 +20,7 @@ SRC_DIRS := $(wildcard tunnel tests examples benchmarks .ci)
 GEN_PATHS := tunnel/_pb/__init__.py tunnel/_pb/tunnel_pb2.py tunnel/_pb/tunnel_pb2.pyi \
 	tunnel/testing/_pb tests/stubs/bp2 tests/stubs/pb
 
-.PHONY: help install proto proto-check lint typecheck test check install-check test-newest-grpclib demo bench
+.PHONY: help install proto proto-check lint typecheck test check install-check test-newest-grpclib demo demo-library bench
 
 help:
 	@echo "make install      create $(VENV) and install the package with its dev and testing extras"
@@ -32,7 +32,8 @@ help:
 	@echo "make check        lint, typecheck, proto-check and test"
 	@echo "make install-check build the wheel, pip install it into a fresh venv, run one forward and one reverse call"
 	@echo "make test-newest-grpclib  the suite again, against the newest grpclib release (ignoring our pin)"
-	@echo "make demo         run the demo (python -m tunnel.demo)"
+	@echo "make demo         a device behind NAT reached by key: backend, grpctunnel agent and router as processes"
+	@echo "make demo-library forward and reverse tunnels in one process (python -m tunnel.demo)"
 	@echo "make bench        run the benchmarks (python -m benchmarks)"
 
 install:
@@ -161,7 +162,12 @@ install-check:
 	cd "$$tmp"
 	"$$tmp/venv/bin/python" -I "$(abspath .ci/install_check.py)"
 
+# Real processes: a backend, `grpctunnel agent`, `grpctunnel router`, and a
+# caller reaching the backend through the router by key (tunnel/cli/demo.py).
 demo:
+	$(PY) -m tunnel.cli.demo
+
+demo-library:
 	$(PY) -m tunnel.demo
 
 # About 2-4 minutes; rewrites docs/benchmarks.md and .png. Installs the

@@ -78,6 +78,27 @@ def test_demo_shows_forward_and_reverse() -> None:
         assert line in done.stdout, done.stdout
 
 
+def test_make_demo_runs_the_nat_scenario_as_processes() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "tunnel.cli.demo"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=EXAMPLES.parent,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    for line in (
+        "router | tunnel opened key=kitchen",
+        "caller: unary through the router -> b'hello, kitchen'",
+        "caller: attic: UNAVAILABLE",
+        '"key": "kitchen"',
+        'grpctunnel_router_calls_total{code="OK"} 2.0',
+        "stopped the router",
+    ):
+        assert line in done.stdout, done.stdout
+    assert done.stdout.count("exit status 0") == 3, done.stdout
+
+
 def test_demo_without_the_testing_extra_says_what_to_install() -> None:
     # betterproto made unimportable, as in an install without the extra
     # (.ci/install_check.py checks the same in a real one).

@@ -153,4 +153,8 @@ async def test_sigterm_drains_the_agent_without_losing_a_call(
             reply = await call
             assert reply.payload == b"kept"
             assert await agent.exited() == 0
-            await router.event("tunnel_closed", key="leaving")
+            closed = await router.event("tunnel_closed", key="leaving")
+            assert closed["reason"] == "the agent closed the tunnel"
+            counted = await metrics(router.admin)
+            assert counted[("grpctunnel_router_tunnels_closed_total", (("reason", "agent"),))] == 1
+            assert counted[("grpctunnel_router_tunnels_closed_total", (("reason", "lost"),))] == 0

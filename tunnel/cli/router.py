@@ -52,6 +52,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from ..channel import TunnelChannel
+from ..errors import TunnelClosedError
 from ..fallback import install_fallback
 from ..handler import TunnelServiceHandler
 from ..proxy import Proxy
@@ -104,6 +105,20 @@ def peer_text(peer: Peer | None) -> str:
         return "unknown"
     host, port = address[:2]
     return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+
+def closed_in_order(error: BaseException) -> bool:
+    """True if a reverse tunnel's ``error`` says the agent ended it in order.
+
+    The library records an orderly end by the peer as a ``TunnelClosedError``
+    with this message and no cause; a lost connection has another message
+    or a cause.
+    """
+    return (
+        isinstance(error, TunnelClosedError)
+        and str(error) == "the peer closed the tunnel"
+        and error.__cause__ is None
+    )
 
 
 def stop_new_calls(channel: TunnelChannel) -> None:
@@ -299,10 +314,10 @@ class Router:
         self.totals.retire(statistics)
         if record.ending is not None:
             label, reason = record.ending
-        elif channel.error is not None:
-            label, reason = "lost", str(channel.error) or type(channel.error).__name__
-        else:
+        elif channel.error is None or closed_in_order(channel.error):
             label, reason = "agent", "the agent closed the tunnel"
+        else:
+            label, reason = "lost", str(channel.error) or type(channel.error).__name__
         self.closed_total.labels(label).inc()
         event(
             log,
