@@ -58,6 +58,11 @@ async def _measure(args: argparse.Namespace, budget: Budget) -> dict[str, Any]:
     results: dict[str, Any] = {}
     pb_dir = Path(args.pb_dir)
     setup: Any
+    if args.transport == "router":
+        from . import router_side
+
+        pb, _ = protos.load(pb_dir)
+        return await router_side.measure(pb_dir, pb, budget)
     if args.transport in ("direct", "forward", "reverse", "forward-wide"):
         from . import grpclib_side
 

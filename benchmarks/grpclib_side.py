@@ -100,18 +100,25 @@ class _Bidi:
 class GrpclibClient:
     """:class:`workloads.Client` over any grpclib Channel (plain or tunnel)."""
 
-    def __init__(self, channel: grpclib.client.Channel, pb: ModuleType) -> None:
+    def __init__(
+        self,
+        channel: grpclib.client.Channel,
+        pb: ModuleType,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        #: Sent with every call (the router's key header, say).
+        self._metadata = dict(metadata) if metadata else None
         m = self._message = pb.Message
         self._unary = grpclib.client.UnaryUnaryMethod(channel, SERVICE + "Unary", m, m)
         self._stream = grpclib.client.UnaryStreamMethod(channel, SERVICE + "ServerStream", m, m)
         self._bidi = grpclib.client.StreamStreamMethod(channel, SERVICE + "BidiStream", m, m)
 
     async def unary(self, payload: bytes) -> None:
-        await self._unary(self._message(payload=payload))
+        await self._unary(self._message(payload=payload), metadata=self._metadata)
 
     async def server_stream(self, count: int, payload: bytes) -> int:
         received = 0
-        async with self._stream.open() as stream:
+        async with self._stream.open(metadata=self._metadata) as stream:
             await stream.send_message(self._message(payload=payload, count=count), end=True)
             async for _ in stream:
                 received += 1
@@ -119,7 +126,7 @@ class GrpclibClient:
 
     @contextlib.asynccontextmanager
     async def bidi(self) -> AsyncIterator[_Bidi]:
-        async with self._bidi.open() as stream:
+        async with self._bidi.open(metadata=self._metadata) as stream:
             await stream.send_request()
             yield _Bidi(stream, self._message)
             await stream.end()

@@ -293,6 +293,10 @@ Not run:
 
 {skipped}
 
+## Through `grpctunnel router` and `agent`
+
+{router_section(data.get("router"))}
+
 ## Targets
 
 {chr(10).join(targets(runs, many))}
@@ -362,3 +366,49 @@ def chart(data: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+# -- the router rows ---------------------------------------------------------------------
+
+ROUTER_ROWS = (
+    Row("unary_1.calls_per_s", "unary, 1 caller: calls/s", True),
+    Row("unary_1.p50_us", "unary, 1 caller: p50 µs", False),
+    Row("unary_1.p99_us", "unary, 1 caller: p99 µs", False),
+    Row("unary_16.calls_per_s", "unary, 16 callers: calls/s", True),
+    Row("unary_16.p50_us", "unary, 16 callers: p50 µs", False),
+    Row("unary_16.p99_us", "unary, 16 callers: p99 µs", False),
+    Row("bulk.mib_per_s", "bulk, 1 MiB msgs echoed: MiB/s", True, 1),
+)
+
+
+def router_table(run: dict[str, Any], markdown: bool) -> str:
+    """Caller -> backend directly vs caller -> router -> agent -> backend (processes)."""
+    results = run.get("results", {})
+    direct = {"results": results.get("direct", {})}
+    routed = {"results": results.get("routed", {})}
+    header = ["", "caller -> backend", "caller -> router -> agent -> backend"]
+    body = [[row.label, cell(row, direct, None), cell(row, routed, direct)] for row in ROUTER_ROWS]
+    if run.get("error"):
+        body.append(["error", run["error"], ""])
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(line) + " |" for line in body]
+        return "\n".join(lines)
+    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(text.ljust(width) for text, width in zip(line, widths, strict=True))
+        for line in [header, *body]
+    )
+
+
+def router_section(run: dict[str, Any] | None) -> str:
+    if run is None:
+        return "Not measured in this run."
+    return f"""Four processes on the same 2 cores: the backend (the benchmark service
+on a plain grpclib server), `grpctunnel agent` in front of it, `grpctunnel
+router`, and the caller (the benchmark's child process). The caller first
+goes to the backend directly, then through the router by key, against the
+same backend process; in brackets the ratio to the direct figure. The
+target is at least 0.5x for unary calls/s.
+
+{router_table(run, markdown=True)}"""

@@ -30,6 +30,9 @@ VARIANT_KINDS = ("forward-wide",)
 GRPCIO_KINDS = ("grpcio", "gt-forward", "gt-reverse")
 #: ``tunnel.trio`` against asyncio, in a child of its own (benchmarks/trio_side.py).
 TRIO_KINDS = ("trio",)
+#: ``grpctunnel router`` and ``agent`` as processes, against the same backend
+#: reached directly (benchmarks/router_side.py); a table of its own.
+ROUTER_KINDS = ("router",)
 
 METHOD = """\
 - Every transport runs in fresh child processes (`python -m benchmarks.child`),
@@ -141,7 +144,7 @@ def _revision() -> str:
 
 
 def _plan(args: argparse.Namespace) -> tuple[list[tuple[str, str]], list[str]]:
-    every = [*GRPCLIB_KINDS, *VARIANT_KINDS, *GRPCIO_KINDS, *TRIO_KINDS]
+    every = [*GRPCLIB_KINDS, *VARIANT_KINDS, *GRPCIO_KINDS, *TRIO_KINDS, *ROUTER_KINDS]
     wanted = args.only.split(",") if args.only else every
     unknown = set(wanted) - set(every)
     if unknown:
@@ -184,6 +187,8 @@ def _run_transport(
     groups = list(
         STEPS_ASYNCIO if loop == "asyncio" and kind not in VARIANT_KINDS else STEPS_UVLOOP
     )
+    if kind in ROUTER_KINDS:
+        groups = ["router"]
     if loop == "asyncio" and kind in GRPCLIB_KINDS:
         groups[-1] += ",profile"
     print(f"{kind} ({loop}):", file=sys.stderr, flush=True)
@@ -262,7 +267,7 @@ def main() -> None:
     parser.add_argument(
         "--only",
         help="comma-separated transports: "
-        + ",".join(GRPCLIB_KINDS + VARIANT_KINDS + GRPCIO_KINDS + TRIO_KINDS),
+        + ",".join(GRPCLIB_KINDS + VARIANT_KINDS + GRPCIO_KINDS + TRIO_KINDS + ROUTER_KINDS),
     )
     parser.add_argument("--no-uvloop", action="store_true", help="skip the uvloop columns")
     parser.add_argument("--json-out", type=Path, help="where to write the JSON results")
@@ -296,6 +301,8 @@ def main() -> None:
         trio = _run_trio(budget_name, pb_dir, Path(tmp), args.quick) if "trio" in wanted else None
     load_after = os.getloadavg()
 
+    router_run = next((r for r in runs if r["transport"] in ROUTER_KINDS), None)
+    runs = [r for r in runs if r["transport"] not in ROUTER_KINDS]
     versions = next((r["versions"] for r in runs if "versions" in r), {})
     data: dict[str, Any] = {
         "command": command.strip(),
@@ -309,6 +316,7 @@ def main() -> None:
         "skipped": skipped,
         "runs": runs,
         "trio": trio,
+        "router": router_run,
     }
     json_out = args.json_out or RESULTS / ("quick.json" if args.quick else "latest.json")
     json_out.parent.mkdir(parents=True, exist_ok=True)
@@ -318,6 +326,9 @@ def main() -> None:
         print(report.table(runs, budget.many_streams, markdown=False))
     if trio is not None:
         print("\n".join(report.trio_lines(trio)))
+    if router_run is not None:
+        print()
+        print(report.router_table(router_run, markdown=False))
     for run in runs:
         errors = {k: v["error"] for k, v in run.get("results", {}).items() if "error" in v}
         if run.get("error") or errors:
@@ -329,7 +340,9 @@ def main() -> None:
     if not (args.quick or args.only or args.no_docs):
         write_docs(data)
         print(f"wrote {DOC.relative_to(ROOT)} and {CHART.relative_to(ROOT)}")
-    failed = any(run.get("error") for run in runs) or bool(trio and trio.get("error"))
+    failed = any(
+        run.get("error") for run in [*runs, *([router_run] if router_run else [])]
+    ) or bool(trio and trio.get("error"))
     sys.exit(1 if failed else 0)
 
 

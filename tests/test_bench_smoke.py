@@ -67,3 +67,34 @@ def test_quick_trio_bench_runs(tmp_path: Path) -> None:
     assert rates["asyncio"] > 0 and rates["trio"] > 0 and rates["trio_handler"] > 0
     assert trio["results"]["ratio_trio"] == rates["trio"] / rates["asyncio"]
     assert "trio caller, asyncio handler" in done.stdout
+
+
+@pytest.mark.timeout(90)
+def test_quick_router_bench_runs(tmp_path: Path) -> None:
+    """The router rows: processes started, both routes measured, processes stopped."""
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks",
+            "--quick",
+            "--only=router",
+            "--no-uvloop",
+            f"--json-out={out}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=80,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    data = json.loads(out.read_text())
+    assert data["runs"] == []
+    results = data["router"]["results"]
+    for route in ("direct", "routed"):
+        errors = {name: r["error"] for name, r in results[route].items() if "error" in r}
+        assert not errors, errors
+        assert results[route]["unary_1"]["calls_per_s"] > 0
+        assert results[route]["bulk"]["mib_per_s"] > 0
+    assert "caller -> router -> agent -> backend" in done.stdout

@@ -1,0 +1,179 @@
+"""The router rows: a caller through ``grpctunnel router`` and ``agent`` to a backend.
+
+Unlike the other columns (everything in one process), these are the
+product as deployed: four processes on 127.0.0.1, the backend (the
+benchmark service, ``python -m benchmarks.router_side backend``), the
+agent, the router, and this child as the caller.  The same child measures
+the caller going to the backend directly first, then through router and
+agent, against the same backend process, so the ratio is what the two
+extra hops cost on this machine (2 cores shared by four processes).
+
+``python -m benchmarks.router_side backend --pb-dir DIR`` serves the
+benchmark service on a free port and prints ``listening PORT``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import grpclib.client
+import grpclib.server
+
+from . import protos, workloads
+from .grpclib_side import BenchService, GrpclibClient
+from .workloads import Budget
+
+ROOT = Path(__file__).resolve().parent.parent
+KEY = "bench"
+#: Seconds a process may take to start.
+STARTUP = 30.0
+
+
+class _Child:
+    """A process whose output goes to a file, read for the line we wait for."""
+
+    def __init__(self, log: Path, *args: str) -> None:
+        self.log = log
+        with log.open("w") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, *args],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+                env=dict(os.environ, PYTHONPATH=str(ROOT)),
+            )
+
+    async def line(self, match: str) -> str:
+        """The first line containing ``match`` (polled: this is set-up, not the measure)."""
+        deadline = time.monotonic() + STARTUP
+        while time.monotonic() < deadline:
+            for line in self.log.read_text().splitlines():
+                if match in line:
+                    return line
+            if self.process.poll() is not None:
+                break
+            await asyncio.sleep(0.05)
+        raise RuntimeError(f"{self.log.name}: no {match!r}:\n{self.log.read_text()}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.kill(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+@contextlib.asynccontextmanager
+async def _deployment(pb_dir: Path) -> AsyncIterator[tuple[int, int, dict[str, int]]]:
+    """Backend, router and agent; yields (backend port, router port, pids)."""
+    with tempfile.TemporaryDirectory(prefix="tunnel-router-bench-") as tmp:
+        children: list[_Child] = []
+        try:
+            backend = _Child(
+                Path(tmp, "backend.log"),
+                "-m",
+                "benchmarks.router_side",
+                "backend",
+                "--pb-dir",
+                str(pb_dir),
+            )
+            children.append(backend)
+            backend_port = int((await backend.line("listening ")).split()[1])
+            router = _Child(
+                Path(tmp, "router.log"), "-m", "tunnel", "router", "--listen", "127.0.0.1:0",
+                "--log-format", "json",
+            )  # fmt: skip
+            children.append(router)
+            listening = json.loads(await router.line('"router_listening"'))
+            router_port = int(listening["grpc"].rpartition(":")[2])
+            agent = _Child(
+                Path(tmp, "agent.log"), "-m", "tunnel", "agent",
+                "--router", f"127.0.0.1:{router_port}", "--backend", f"127.0.0.1:{backend_port}",
+                "--key", KEY, "--log-format", "json",
+            )  # fmt: skip
+            children.append(agent)
+            await router.line('"tunnel_opened"')
+            pids = {
+                "backend": backend.process.pid,
+                "router": router.process.pid,
+                "agent": agent.process.pid,
+            }
+            yield backend_port, router_port, pids
+        finally:
+            for child in reversed(children):
+                child.stop()
+
+
+async def _rates(client: GrpclibClient, budget: Budget) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    for name, run in (
+        ("unary_1", lambda: workloads.unary(client, budget, 1)),
+        ("unary_16", lambda: workloads.unary(client, budget, 16)),
+        ("bulk", lambda: workloads.bulk(client, budget)),
+    ):
+        try:
+            results[name] = await run()
+        except Exception as exc:
+            results[name] = {"error": f"{type(exc).__name__}: {exc}"}
+    return results
+
+
+async def measure(pb_dir: Path, pb: ModuleType, budget: Budget) -> dict[str, Any]:
+    """Direct to the backend, then through router and agent; same processes."""
+    async with _deployment(pb_dir) as (backend_port, router_port, pids):
+        results: dict[str, Any] = {"pids": pids}
+        for name, port, metadata in (
+            ("direct", backend_port, None),
+            ("routed", router_port, {"tunnel-key": KEY}),
+        ):
+            channel = grpclib.client.Channel("127.0.0.1", port)
+            try:
+                results[name] = await _rates(GrpclibClient(channel, pb, metadata), budget)
+            finally:
+                channel.close()
+        return results
+
+
+async def _serve_backend(pb: ModuleType) -> None:
+    server = grpclib.server.Server([BenchService(pb)])
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.bind(("127.0.0.1", 0))
+    await server.start(sock=sock)
+    print(f"listening {sock.getsockname()[1]}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    server.close()
+    await server.wait_closed()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.router_side")
+    parser.add_argument("role", choices=("backend",))
+    parser.add_argument("--pb-dir", required=True)
+    args = parser.parse_args()
+    pb, _ = protos.load(Path(args.pb_dir))
+    asyncio.run(_serve_backend(pb))
+
+
+if __name__ == "__main__":
+    main()
