@@ -9,7 +9,7 @@ agent, against the same backend process, so the ratio is what the two
 extra hops cost on this machine (2 cores shared by four processes).
 
 ``python -m benchmarks.router_side backend --pb-dir DIR`` serves the
-benchmark service on a free port and prints ``listening PORT``.
+benchmark service on a free port and prints ``listening HOST:PORT``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,8 @@ from typing import Any
 
 import grpclib.client
 import grpclib.server
+
+from tunnel.testing.backend import serve_until_stopped
 
 from . import protos, workloads
 from .grpclib_side import BenchService, GrpclibClient
@@ -95,7 +96,7 @@ async def _deployment(pb_dir: Path) -> AsyncIterator[tuple[int, int, dict[str, i
                 str(pb_dir),
             )
             children.append(backend)
-            backend_port = int((await backend.line("listening ")).split()[1])
+            backend_port = int((await backend.line("listening ")).rpartition(":")[2])
             router = _Child(
                 Path(tmp, "router.log"), "-m", "tunnel", "router", "--listen", "127.0.0.1:0",
                 "--log-format", "json",
@@ -151,28 +152,13 @@ async def measure(pb_dir: Path, pb: ModuleType, budget: Budget) -> dict[str, Any
         return results
 
 
-async def _serve_backend(pb: ModuleType) -> None:
-    server = grpclib.server.Server([BenchService(pb)])
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.bind(("127.0.0.1", 0))
-    await server.start(sock=sock)
-    print(f"listening {sock.getsockname()[1]}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    await stop.wait()
-    server.close()
-    await server.wait_closed()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.router_side")
     parser.add_argument("role", choices=("backend",))
     parser.add_argument("--pb-dir", required=True)
     args = parser.parse_args()
     pb, _ = protos.load(Path(args.pb_dir))
-    asyncio.run(_serve_backend(pb))
+    asyncio.run(serve_until_stopped([BenchService(pb)], "127.0.0.1", 0))
 
 
 if __name__ == "__main__":

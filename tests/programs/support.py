@@ -14,16 +14,21 @@ import contextlib
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+import grpclib.client
+
+from tests.stubs.pb import test_grpc
 
 ROOT = Path(__file__).resolve().parents[2]
 #: Upper bound for a process to start or to stop.
@@ -155,6 +160,24 @@ class Process:
         for stream in (self.process.stdout, self.process.stderr):
             if stream is not None:
                 stream.close()
+
+
+T = TypeVar("T")
+
+
+async def reaching_backend(
+    backend: Backend, call: Coroutine[Any, Any, T], call_id: str
+) -> asyncio.Task[T]:
+    """Start ``call`` (it carries ``x-call-id: call_id``); return once the backend runs it."""
+    mark = backend.mark()
+    task = asyncio.ensure_future(call)
+    try:
+        await backend.event("call", after=mark, id=call_id)
+    except BaseException:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raise
+    return task
 
 
 def port_of(address: str) -> int:
@@ -311,12 +334,41 @@ class Stack:
     agent: Agent
 
 
+P = TypeVar("P", bound=Process)
+
+
+class Started(list[Process]):
+    """The processes a test started; ``add`` returns what it adds."""
+
+    def add(self, process: P) -> P:
+        self.append(process)
+        return process
+
+
 @contextlib.contextmanager
-def processes() -> Iterator[list[Process]]:
+def processes() -> Iterator[Started]:
     """A list to put processes in; every one is stopped (by PID) at the end."""
-    started: list[Process] = []
+    started = Started()
     try:
         yield started
     finally:
         for process in reversed(started):
             process.stop()
+
+
+class Callers:
+    """grpclib channels to routers, opened by a test and closed after it."""
+
+    def __init__(self) -> None:
+        self.channels: list[grpclib.client.Channel] = []
+
+    def stub(
+        self, router: Router, ssl_context: ssl.SSLContext | None = None
+    ) -> test_grpc.TestServiceStub:
+        channel = grpclib.client.Channel("127.0.0.1", router.port, ssl=ssl_context)
+        self.channels.append(channel)
+        return test_grpc.TestServiceStub(channel)
+
+    def close(self) -> None:
+        for channel in self.channels:
+            channel.close()

@@ -32,12 +32,9 @@ TEST_TIMEOUT = 30.0
 @pytest.fixture(scope="module")
 def stack() -> Iterator[Stack]:
     with processes() as started:
-        backend = Backend()
-        started.append(backend)
-        router = Router("--max-message-size", str(BIG))
-        started.append(router)
-        agent = Agent(router, backend, KEY, "--max-message-size", str(BIG))
-        started.append(agent)
+        backend = started.add(Backend())
+        router = started.add(Router("--max-message-size", str(BIG)))
+        agent = started.add(Agent(router, backend, KEY, "--max-message-size", str(BIG)))
         yield Stack(backend, router, agent)
 
 

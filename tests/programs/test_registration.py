@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import ssl
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import grpclib.client
@@ -15,37 +14,21 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
 import tunnel
-from tests.programs.support import Agent, Backend, Router, metrics, processes, tunnels
-from tests.stubs.pb import test_grpc, test_pb2
+from tests.programs.support import (
+    Agent,
+    Backend,
+    Callers,
+    Router,
+    metrics,
+    processes,
+    reaching_backend,
+    tunnels,
+)
+from tests.stubs.pb import test_pb2
 from tunnel.cli._settings import AGENT_INSTANCE_HEADER, AGENT_KEY_HEADER
 
 TEST_TIMEOUT = 40.0
 TOKEN = "s3cret-kitchen-token"
-
-
-@pytest.fixture(scope="module")
-def backend() -> Iterator[Backend]:
-    with processes() as started:
-        started.append(Backend())
-        yield started[0]  # type: ignore[misc]
-
-
-@pytest.fixture
-async def caller() -> AsyncIterator[list[grpclib.client.Channel]]:
-    channels: list[grpclib.client.Channel] = []
-    try:
-        yield channels
-    finally:
-        for channel in channels:
-            channel.close()
-
-
-def stub_for(
-    caller: list[grpclib.client.Channel], router: Router, ssl_context: ssl.SSLContext | None = None
-) -> test_grpc.TestServiceStub:
-    channel = grpclib.client.Channel("127.0.0.1", router.port, ssl=ssl_context)
-    caller.append(channel)
-    return test_grpc.TestServiceStub(channel)
 
 
 @pytest.fixture
@@ -66,15 +49,15 @@ def token_file(tmp_path: Path, token: str) -> str:
 
 
 async def test_tokens_and_key_patterns(
-    backend: Backend, tokens: Path, tmp_path: Path, caller: list[grpclib.client.Channel]
+    backend: Backend, tokens: Path, tmp_path: Path, caller: Callers
 ) -> None:
     with processes() as started:
-        router = Router("--agent-tokens", str(tokens))
-        started.append(router)
+        router = started.add(Router("--agent-tokens", str(tokens)))
         async with asyncio.timeout(TEST_TIMEOUT):
-            good = Agent(router, backend, "kitchen-2", "--token-file", token_file(tmp_path, TOKEN))
-            started.append(good)
-            reply = await stub_for(caller, router).Unary(
+            started.add(
+                Agent(router, backend, "kitchen-2", "--token-file", token_file(tmp_path, TOKEN))
+            )
+            reply = await caller.stub(router).Unary(
                 test_pb2.Message(payload=b"ok"), metadata={"tunnel-key": "kitchen-2"}
             )
             assert reply.payload == b"ok"
@@ -87,8 +70,7 @@ async def test_tokens_and_key_patterns(
                 ("attic", TOKEN, "PERMISSION_DENIED"),
             ):
                 flags = ("--token-file", token_file(tmp_path, token)) if token else ()
-                refused = Agent(router, backend, key, *flags, wait=False)
-                started.append(refused)
+                refused = started.add(Agent(router, backend, key, *flags, wait=False))
                 assert await refused.exited() == 1
                 final = refused.wait_event("agent_refused")
                 assert code in final["message"] and router.address in final["message"]
@@ -108,25 +90,24 @@ async def test_tokens_and_key_patterns(
 
 
 async def test_replace_hands_the_key_to_the_newest_and_drains_the_old(
-    backend: Backend, caller: list[grpclib.client.Channel]
+    backend: Backend, caller: Callers
 ) -> None:
     with processes() as started:
-        router = Router("--on-duplicate", "replace")
-        started.append(router)
-        first = Agent(router, backend, "shared")
-        started.append(first)
-        stub = stub_for(caller, router)
+        router = started.add(Router("--on-duplicate", "replace"))
+        first = started.add(Agent(router, backend, "shared"))
+        stub = caller.stub(router)
         async with asyncio.timeout(TEST_TIMEOUT):
-            mark = backend.mark()
-            slow = asyncio.create_task(
+            slow = await reaching_backend(
+                backend,
                 stub.Unary(
                     test_pb2.Message(payload=b"old", delay_millis=1500),
                     metadata={"tunnel-key": "shared", "x-call-id": "on-old"},
-                )
+                ),
+                "on-old",
             )
-            await backend.event("call", after=mark, id="on-old")
-            second = Agent(router, backend, "shared", "--min-backoff", "5", "--max-backoff", "5")
-            started.append(second)
+            second = started.add(
+                Agent(router, backend, "shared", "--min-backoff", "5", "--max-backoff", "5")
+            )
             await router.event("tunnel_opened", key="shared", instance=second.instance)
             # The old tunnel takes no new calls but finishes the one it has.
             assert (await slow).payload == b"old"
@@ -141,15 +122,12 @@ async def test_replace_hands_the_key_to_the_newest_and_drains_the_old(
             )
 
 
-async def test_allow_spreads_calls_over_both_agents(
-    backend: Backend, caller: list[grpclib.client.Channel]
-) -> None:
+async def test_allow_spreads_calls_over_both_agents(backend: Backend, caller: Callers) -> None:
     with processes() as started:
-        router = Router("--on-duplicate", "allow")
-        started.append(router)
+        router = started.add(Router("--on-duplicate", "allow"))
         agents = [Agent(router, backend, "pool") for _ in range(2)]
         started.extend(agents)
-        stub = stub_for(caller, router)
+        stub = caller.stub(router)
         async with asyncio.timeout(TEST_TIMEOUT):
             listed = await tunnels(router.admin)
             assert sorted(t["agent_instance"] for t in listed) == sorted(a.instance for a in agents)
@@ -161,16 +139,13 @@ async def test_allow_spreads_calls_over_both_agents(
 
 
 async def test_reject_refuses_a_second_agent_until_the_first_is_gone(
-    backend: Backend, caller: list[grpclib.client.Channel]
+    backend: Backend, caller: Callers
 ) -> None:
     with processes() as started:
-        router = Router("--on-duplicate", "reject")
-        started.append(router)
-        first = Agent(router, backend, "single")
-        started.append(first)
+        router = started.add(Router("--on-duplicate", "reject"))
+        first = started.add(Agent(router, backend, "single"))
         async with asyncio.timeout(TEST_TIMEOUT):
-            second = Agent(router, backend, "single", wait=False)
-            started.append(second)
+            second = started.add(Agent(router, backend, "single", wait=False))
             await router.event(
                 "registration_refused", code="ALREADY_EXISTS", instance=second.instance
             )
@@ -180,7 +155,7 @@ async def test_reject_refuses_a_second_agent_until_the_first_is_gone(
             # The refused agent stands by and takes over once the key is free.
             first.stop()
             await router.event("tunnel_opened", key="single", instance=second.instance)
-            reply = await stub_for(caller, router).Unary(
+            reply = await caller.stub(router).Unary(
                 test_pb2.Message(payload=b"standby"), metadata={"tunnel-key": "single"}
             )
             assert reply.payload == b"standby"
@@ -189,8 +164,7 @@ async def test_reject_refuses_a_second_agent_until_the_first_is_gone(
 async def test_reject_lets_the_same_agent_instance_replace_its_stale_tunnel() -> None:
     """A reconnect of one agent (same instance header) is not a second agent."""
     with processes() as started:
-        router = Router("--on-duplicate", "reject")
-        started.append(router)
+        router = started.add(Router("--on-duplicate", "reject"))
         metadata = {AGENT_KEY_HEADER: "again", AGENT_INSTANCE_HEADER: "instance-1"}
         channel = grpclib.client.Channel("127.0.0.1", router.port)
         devices = [tunnel.ReverseTunnelServer(channel, []) for _ in range(2)]
@@ -214,15 +188,14 @@ async def test_reject_lets_the_same_agent_instance_replace_its_stale_tunnel() ->
 
 
 async def test_allow_method_forwards_only_matching_methods(
-    backend: Backend, caller: list[grpclib.client.Channel]
+    backend: Backend, caller: Callers
 ) -> None:
     with processes() as started:
-        router = Router()
-        started.append(router)
-        started.append(
+        router = started.add(Router())
+        started.add(
             Agent(router, backend, "narrow", "--allow-method", "/grpchantesting.TestService/Un*")
         )
-        stub = stub_for(caller, router)
+        stub = caller.stub(router)
         routed = {"tunnel-key": "narrow"}
         async with asyncio.timeout(TEST_TIMEOUT):
             assert (
@@ -241,12 +214,11 @@ async def test_allow_method_forwards_only_matching_methods(
 
 
 async def test_wait_for_tunnel_holds_a_call_until_its_agent_connects(
-    backend: Backend, caller: list[grpclib.client.Channel]
+    backend: Backend, caller: Callers
 ) -> None:
     with processes() as started:
-        router = Router("--wait-for-tunnel", "15")
-        started.append(router)
-        stub = stub_for(caller, router)
+        router = started.add(Router("--wait-for-tunnel", "15"))
+        stub = caller.stub(router)
         async with asyncio.timeout(TEST_TIMEOUT):
             # Within its deadline, the call waits no longer than the deadline.
             with pytest.raises((asyncio.TimeoutError, GRPCError)):
@@ -254,13 +226,11 @@ async def test_wait_for_tunnel_holds_a_call_until_its_agent_connects(
             call = asyncio.create_task(
                 stub.Unary(test_pb2.Message(payload=b"waited"), metadata={"tunnel-key": "late"})
             )
-            started.append(Agent(router, backend, "late"))
+            started.add(Agent(router, backend, "late"))
             assert (await call).payload == b"waited"
 
 
-async def test_tls_between_all_three(
-    backend: Backend, tmp_path: Path, caller: list[grpclib.client.Channel]
-) -> None:
+async def test_tls_between_all_three(backend: Backend, tmp_path: Path, caller: Callers) -> None:
     authority = trustme.CA()
     certificate = authority.issue_cert("127.0.0.1", "localhost")
     cert, key, ca = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "ca.pem"
@@ -268,13 +238,12 @@ async def test_tls_between_all_three(
     certificate.private_key_pem.write_to_path(key)
     authority.cert_pem.write_to_path(ca)
     with processes() as started:
-        router = Router("--tls-cert", str(cert), "--tls-key", str(key))
-        started.append(router)
-        started.append(Agent(router, backend, "secure", "--tls-ca", str(ca)))
+        router = started.add(Router("--tls-cert", str(cert), "--tls-key", str(key)))
+        started.add(Agent(router, backend, "secure", "--tls-ca", str(ca)))
         client = ssl.create_default_context(cafile=str(ca))
         client.set_alpn_protocols(["h2"])
         async with asyncio.timeout(TEST_TIMEOUT):
-            reply = await stub_for(caller, router, client).Unary(
+            reply = await caller.stub(router, client).Unary(
                 test_pb2.Message(payload=b"tls"), metadata={"tunnel-key": "secure"}
             )
         assert reply.payload == b"tls"

@@ -138,8 +138,7 @@ def test_flags_win_over_the_config_file(tmp_path: Path) -> None:
     )
     with processes() as started:
         # Router() passes --listen and --log-format itself; the file gives the rest.
-        router = Router("--config", str(config), "--key-header", "x-from-flag")
-        started.append(router)
+        router = started.add(Router("--config", str(config), "--key-header", "x-from-flag"))
         line = router.wait_event("router_listening")
         assert line["key_header"] == "x-from-flag"
         assert line["on_duplicate"] == "reject"

@@ -76,6 +76,14 @@ _TUNNEL = [
     ),
 ]
 
+_ADMIN = Setting(
+    "admin",
+    address,
+    None,
+    "serve /healthz, /readyz, /metrics and /tunnels over HTTP here",
+    "HOST:PORT",
+)
+
 _CONFIG = Setting("config", path, None, "read settings from this TOML file (flags win)", "FILE")
 
 ROUTER = [
@@ -88,13 +96,7 @@ ROUTER = [
         "HOST:PORT",
         required=True,
     ),
-    Setting(
-        "admin",
-        address,
-        None,
-        "serve /healthz, /readyz, /metrics and /tunnels over HTTP here",
-        "HOST:PORT",
-    ),
+    _ADMIN,
     Setting(
         "key-header",
         header_name,
@@ -194,13 +196,7 @@ AGENT = [
     ),
     Setting("min-backoff", seconds, 0.5, "the first delay before reconnecting", "SECONDS"),
     Setting("max-backoff", seconds, 30.0, "the longest delay before reconnecting", "SECONDS"),
-    Setting(
-        "admin",
-        address,
-        None,
-        "serve /healthz, /readyz, /metrics and /tunnels over HTTP here",
-        "HOST:PORT",
-    ),
+    _ADMIN,
     Setting(
         "grace-period",
         seconds,

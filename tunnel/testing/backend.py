@@ -31,7 +31,7 @@ from grpclib.health.service import Health
 
 from tunnel.testing.service import TestService
 
-__all__ = ["Observed", "main"]
+__all__ = ["Observed", "main", "serve_until_stopped"]
 
 CALL_ID_HEADER = "x-call-id"
 
@@ -70,7 +70,12 @@ def _observed(method: str, func: Any) -> Any:
 
 async def serve(host: str, port: int, events: bool) -> None:
     service: Any = TestService()
-    server = grpclib.server.Server([Observed(service) if events else service, Health()])
+    await serve_until_stopped([Observed(service) if events else service, Health()], host, port)
+
+
+async def serve_until_stopped(services: list[Any], host: str, port: int) -> None:
+    """Serve ``services``, print ``listening HOST:PORT``, stop on SIGTERM/SIGINT."""
+    server = grpclib.server.Server(services)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.bind((host, port))
     await server.start(sock=sock)
