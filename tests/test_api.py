@@ -20,6 +20,7 @@ def parameters(func: object) -> list[tuple[str, str, object]]:
 
 def test_exports() -> None:
     assert sorted(tunnel.__all__) == [
+        "EndReason",
         "Fallback",
         "FrameTooLarge",
         "KeepaliveTimeoutError",

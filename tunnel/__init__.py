@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from ._reconnecting import ReconnectingTunnelChannel
     from ._server_tunnel import TunnelInfo, current_tunnel
     from ._stats import TunnelStatistics
+    from ._tunnel import EndReason
     from .channel import TunnelChannel, open_tunnel
     from .errors import (
         FrameTooLarge,
@@ -48,6 +49,7 @@ if TYPE_CHECKING:
 #: ``import tunnel._core`` (a driver for another event loop, say) and the
 #: programs' ``--help`` do not pay for the asyncio layer and grpclib's I/O.
 _WHERE = {
+    "EndReason": "._tunnel",
     "Fallback": ".fallback",
     "FrameTooLarge": ".errors",
     "KeepaliveTimeoutError": ".errors",
@@ -97,6 +99,7 @@ def __dir__() -> list[str]:
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "EndReason",
     "Fallback",
     "FrameTooLarge",
     "KeepaliveTimeoutError",

@@ -221,7 +221,7 @@ class TunnelClientStream(
             )
         except (TunnelClosedError, MetadataError):
             return False
-        self._tunnel.calls.pop(self._stream_id, None)
+        self._tunnel.drop_call(self._stream_id)
         for data in replay:
             tunnel.core.send_message(stream_id, data)
         if self._end_done:

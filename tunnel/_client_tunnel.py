@@ -25,12 +25,22 @@ from typing import TYPE_CHECKING
 
 from google.rpc.status_pb2 import Status as StatusProto
 from grpclib.const import Cardinality, Status
+from grpclib.exceptions import GRPCError
 
 from ._core.client import TunnelClientProtocol
 from ._core.connection import KEEPALIVE_METHOD
 from ._core.events import DataReceived, Event, HeadersReceived, Negotiated, StreamEnded
 from ._pb.tunnel_pb2 import ClientToServer, ServerToClient
-from ._tunnel import Carrier, Ending, Phase, Tunnel, closed_message, describe
+from ._tunnel import (
+    Carrier,
+    Ending,
+    EndReason,
+    Phase,
+    Tunnel,
+    closed_message,
+    describe,
+    reason_for,
+)
 from .errors import NegotiationError, OpenTimeoutError, TunnelClosedError
 from .options import TunnelOptions
 
@@ -69,6 +79,8 @@ class ClientTunnel(Tunnel[ServerToClient, ClientToServer]):
         #: beyond it wait for room (``wait_for_room``) instead of being refused.
         self.peer_max_streams = peer_max_streams
         self._room = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
         self._negotiated = asyncio.Event()
         if self.core.ready:
             self._negotiated.set()
@@ -118,7 +130,8 @@ class ClientTunnel(Tunnel[ServerToClient, ClientToServer]):
 
     def _abandon(self, error: BaseException) -> None:
         """End a tunnel that never opened: cut its carrying call off at once."""
-        self._request_stop(Ending(Status.UNAVAILABLE, closed_message(str(error)), error, False))
+        message = closed_message(str(error))
+        self._request_stop(Ending(Status.UNAVAILABLE, message, error, False, reason_for(error)))
 
     # -- the calls' side -------------------------------------------------
 
@@ -141,6 +154,7 @@ class ClientTunnel(Tunnel[ServerToClient, ClientToServer]):
             raise TunnelClosedError("tunnel is shutting down")
         stream_id = self.core.open_stream(method, metadata, cardinality, timeout=timeout)
         self.calls[stream_id] = call
+        self._idle.clear()
         self.driver.wake()
         return stream_id
 
@@ -150,6 +164,16 @@ class ClientTunnel(Tunnel[ServerToClient, ClientToServer]):
         if self._ending is not None and self._ending.error is not None:
             return self._ending.message
         return "tunnel closed"
+
+    def drop_call(self, stream_id: int) -> None:
+        """Take a call out of the table (it is over, or went to another tunnel)."""
+        self.calls.pop(stream_id, None)
+        if not self.calls:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Wait until no call is in flight on this tunnel."""
+        await self._idle.wait()
 
     def full(self) -> bool:
         """True if a new stream would exceed the server's announced limit."""
@@ -164,7 +188,7 @@ class ClientTunnel(Tunnel[ServerToClient, ClientToServer]):
 
     def forget(self, stream_id: int) -> None:
         """A call is over: cancel its stream if it is still open."""
-        self.calls.pop(stream_id, None)
+        self.drop_call(stream_id)
         if self.core.is_open(stream_id):
             self.core.cancel(stream_id)
             self.driver.wake()
@@ -258,7 +282,9 @@ class ClientTunnel(Tunnel[ServerToClient, ClientToServer]):
     def abort(self, error: BaseException) -> None:
         """End the tunnel now because of *error*; calls fail with UNAVAILABLE."""
         message = closed_message(describe(error))
-        self._request_stop(Ending(Status.UNAVAILABLE, message, error, graceful=False))
+        self._request_stop(
+            Ending(Status.UNAVAILABLE, message, error, graceful=False, reason=reason_for(error))
+        )
         if self._main is None:
             self.phase = Phase.CLOSED
             self._closed.set()
@@ -288,7 +314,9 @@ class ClientTunnel(Tunnel[ServerToClient, ClientToServer]):
             pass
         except Exception as exc:
             cause = exc
-        return Ending(Status.UNAVAILABLE, closed_message(describe(cause)), cause, graceful=False)
+        reason = EndReason.PEER_STATUS if isinstance(cause, GRPCError) else EndReason.PEER_CLOSED
+        message = closed_message(describe(cause))
+        return Ending(Status.UNAVAILABLE, message, cause, graceful=False, reason=reason)
 
     async def _wind_down(self, ending: Ending, reader: asyncio.Task[None]) -> None:
         """The owner's close: let the cancels out, end our side, await the peer's."""

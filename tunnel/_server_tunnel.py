@@ -39,7 +39,7 @@ from ._pb.tunnel_pb2 import ClientToServer, ServerToClient
 from ._seam import Metadata, ServerEvents
 from ._server_stream import TunnelServerStream
 from ._tasks import cancel_and_wait
-from ._tunnel import Carrier, Ending, Tunnel
+from ._tunnel import Carrier, Ending, EndReason, Tunnel
 from .fallback import fallback_cardinality
 from .options import TunnelOptions
 
@@ -69,7 +69,13 @@ _current: contextvars.ContextVar[TunnelInfo | None] = contextvars.ContextVar(
 #: ``stop()``: handlers are cancelled, their final frames still go out.
 _STOPPED_BY_OWNER = Ending(Status.CANCELLED, "tunnel closed", None, graceful=True)
 #: The tunnel client half-closed the carrying call: a close in order.
-_CLOSED_BY_CLIENT = Ending(Status.CANCELLED, "tunnel closed by the client", None, graceful=True)
+_CLOSED_BY_CLIENT = Ending(
+    Status.CANCELLED,
+    "tunnel closed by the client",
+    None,
+    graceful=True,
+    reason=EndReason.PEER_CLOSED,
+)
 
 
 def current_tunnel() -> TunnelInfo | None:

@@ -57,7 +57,17 @@ from ._tasks import cancel_and_wait
 from .errors import KeepaliveTimeoutError, RemoteProtocolError, TunnelClosedError, TunnelError
 from .options import TunnelOptions
 
-__all__ = ["Carrier", "Ending", "Phase", "Tunnel", "as_status", "closed_message", "describe"]
+__all__ = [
+    "Carrier",
+    "EndReason",
+    "Ending",
+    "Phase",
+    "Tunnel",
+    "as_status",
+    "closed_message",
+    "describe",
+    "reason_for",
+]
 
 log = logging.getLogger("tunnel")
 
@@ -111,6 +121,25 @@ class Phase(enum.Enum):
     CLOSED = "closed"
 
 
+class EndReason(enum.Enum):
+    """Why a tunnel ended, for programs that count or log it (``end_reason``)."""
+
+    #: Its owner closed it (``close()``, ``stop()``), or opening was abandoned.
+    CLOSED = "closed"
+    #: The peer ended it in order.
+    PEER_CLOSED = "peer_closed"
+    #: The peer ended its carrying call with an error status.
+    PEER_STATUS = "peer_status"
+    #: The connection under it was lost, or its carrying call failed.
+    CONNECTION_LOST = "connection_lost"
+    #: The peer stopped answering keepalive checks.
+    KEEPALIVE = "keepalive"
+    #: The peer broke the protocol.
+    PROTOCOL_ERROR = "protocol_error"
+    #: The process serving its carrying call is stopping.
+    STOPPING = "stopping"
+
+
 @dataclass(frozen=True, slots=True)
 class Ending:
     """Why a tunnel ends, and how its streams end with it."""
@@ -124,6 +153,19 @@ class Ending:
     #: Let queued frames out and end the carrying call in order, rather than
     #: cutting it off.
     graceful: bool
+    #: The same, as a value to count by.
+    reason: EndReason = EndReason.CLOSED
+
+
+def reason_for(error: BaseException) -> EndReason:
+    """The ``EndReason`` of a tunnel that ended because of *error*."""
+    if isinstance(error, KeepaliveTimeoutError):
+        return EndReason.KEEPALIVE
+    if isinstance(error, RemoteProtocolError):
+        return EndReason.PROTOCOL_ERROR
+    if isinstance(error, GRPCError):
+        return EndReason.PEER_STATUS
+    return EndReason.CONNECTION_LOST
 
 
 def describe(exc: BaseException) -> str:
@@ -225,6 +267,11 @@ class Tunnel(Generic[InFrame, OutFrame]):
     def closed(self) -> bool:
         return self._closed.is_set()
 
+    @property
+    def end_reason(self) -> EndReason | None:
+        """Why the tunnel ended (or is ending); None while it is open."""
+        return None if self._ending is None else self._ending.reason
+
     async def wait_closed(self) -> None:
         await self._closed.wait()
 
@@ -254,8 +301,11 @@ class Tunnel(Generic[InFrame, OutFrame]):
 
     def _owner_cancelled(self) -> Ending:
         """The ending when the task running ``_run`` is cancelled from outside."""
-        cause = "connection lost" if self.carrier.connection_lost() else f"the {self._role} stopped"
-        return Ending(Status.UNAVAILABLE, closed_message(cause), TunnelClosedError(cause), False)
+        lost = self.carrier.connection_lost()
+        cause = "connection lost" if lost else f"the {self._role} stopped"
+        reason = EndReason.CONNECTION_LOST if lost else EndReason.STOPPING
+        error = TunnelClosedError(cause)
+        return Ending(Status.UNAVAILABLE, closed_message(cause), error, False, reason)
 
     def _can_probe(self) -> bool:
         """True if this end can check that its peer is alive."""
@@ -353,7 +403,8 @@ class Tunnel(Generic[InFrame, OutFrame]):
             if exc is not None:
                 log.debug("%s ended: %s", self._role, describe(exc), exc_info=exc)
                 error = _as_tunnel_error(exc)
-                return Ending(Status.UNAVAILABLE, closed_message(describe(exc)), error, False)
+                message = closed_message(describe(exc))
+                return Ending(Status.UNAVAILABLE, message, error, False, reason_for(error))
             if task is reader:
                 return None
         # The writer and the keepalive run until cancelled or failed.

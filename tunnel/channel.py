@@ -16,11 +16,11 @@ from types import TracebackType
 from typing import Any, TypeVar, cast
 
 import grpclib.client
-from grpclib.const import Cardinality
+from grpclib.const import Cardinality, Status
 from grpclib.encoding.base import CodecBase, StatusDetailsCodecBase
 from grpclib.encoding.proto import ProtoCodec, ProtoStatusDetailsCodec
 from grpclib.exceptions import GRPCError, StreamTerminatedError
-from grpclib.metadata import Deadline
+from grpclib.metadata import Deadline, decode_grpc_message
 from grpclib.protocol import Peer
 from multidict import MultiDict
 
@@ -35,8 +35,10 @@ from ._seam import (
     become_channel,
     channel_codecs,
     http2_stream_limit_reached,
+    received_status_headers,
 )
 from ._stats import TunnelStatistics
+from ._tunnel import EndReason
 from .errors import OpenTimeoutError
 from .options import TunnelOptions
 
@@ -113,6 +115,20 @@ class TunnelChannel(grpclib.client.Channel):
     @property
     def closed(self) -> bool:
         return self._tunnel.closed
+
+    @property
+    def end_reason(self) -> EndReason | None:
+        """Why the tunnel ended, as a value to count by; None while it is open."""
+        return self._tunnel.end_reason
+
+    def initiate_shutdown(self) -> None:
+        """Start no new calls here: they fail with UNAVAILABLE (and a pool
+        that holds this tunnel passes it by); calls in flight go on."""
+        self._tunnel.draining = True
+
+    async def wait_idle(self) -> None:
+        """Wait until no call is in flight on this tunnel (bound it yourself)."""
+        await self._tunnel.wait_idle()
 
     def statistics(self) -> TunnelStatistics:
         """What this tunnel carried so far: see ``TunnelStatistics``."""
@@ -223,6 +239,17 @@ class _ForwardCarrier(StreamCarrier[ClientToServer, ServerToClient]):
         super().__init__(stream, ServerToClient, max_frame_size=max_frame_size)
         self._ended = False
         self._finished = False
+
+    async def recv(self) -> ServerToClient | None:
+        try:
+            return await super().recv()
+        except StreamTerminatedError as exc:
+            # grpclib's server resets a call it ended with an error status,
+            # and the reset can overtake the status: look for it first.
+            status = _status_before_reset(self._stream)
+            if status is not None:
+                raise status from exc
+            raise
 
     async def end(self) -> None:
         if not self._ended:
@@ -344,6 +371,19 @@ async def _exit_after_failure(
     except BaseException:
         pass
     return None
+
+
+def _status_before_reset(stream: grpclib.client.Stream[Any, Any]) -> GRPCError | None:
+    """The error status a call's peer sent before it reset the call, if any."""
+    headers = dict(received_status_headers(stream) or ())
+    try:
+        code = Status(int(headers.get("grpc-status", "0")))
+    except ValueError:
+        code = Status.UNKNOWN
+    if code is Status.OK:
+        return None
+    message = headers.get("grpc-message")
+    return GRPCError(code, decode_grpc_message(message) if message else None)
 
 
 async def _reset(stream: grpclib.client.Stream[Any, Any]) -> None:

@@ -114,7 +114,7 @@ class TunnelServiceHandler:
         for tunnel in self._tunnels:
             tunnel.initiate_shutdown()
         for channel in self._pools.channels():
-            channel._tunnel.draining = True
+            channel.initiate_shutdown()
 
     # -- reverse tunnels ---------------------------------------------------
 

@@ -384,6 +384,9 @@ class ReverseTunnelServer:
         self._stop_forever = asyncio.Event()
         #: The response headers of the most recently opened tunnel.
         self.response_metadata: MultiDict[Any] | None = None
+        #: What the most recently ended tunnel carried, taken as it ended
+        #: (``serve_forever``'s ``on_disconnected`` may read it).
+        self.last_statistics: TunnelStatistics | None = None
 
     @property
     def closed(self) -> bool:
@@ -492,6 +495,8 @@ class ReverseTunnelServer:
                 raise exc.__cause__ from None
             raise as_status(exc) from None
         finally:
+            if tunnel in self._tunnels:
+                self.last_statistics = tunnel.statistics()
             self._tunnels.discard(tunnel)
         with contextlib.suppress(Exception):
             await stream.end()

@@ -51,8 +51,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from .._tunnel import EndReason
 from ..channel import TunnelChannel
-from ..errors import TunnelClosedError
 from ..fallback import install_fallback
 from ..handler import TunnelServiceHandler
 from ..proxy import Proxy
@@ -105,25 +105,6 @@ def peer_text(peer: Peer | None) -> str:
         return "unknown"
     host, port = address[:2]
     return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-
-
-def closed_in_order(error: BaseException) -> bool:
-    """True if a reverse tunnel's ``error`` says the agent ended it in order.
-
-    The library records an orderly end by the peer as a ``TunnelClosedError``
-    with this message and no cause; a lost connection has another message
-    or a cause.
-    """
-    return (
-        isinstance(error, TunnelClosedError)
-        and str(error) == "the peer closed the tunnel"
-        and error.__cause__ is None
-    )
-
-
-def stop_new_calls(channel: TunnelChannel) -> None:
-    """The tunnel's pool skips it from now on; its calls go on (library-sanctioned)."""
-    channel._tunnel.draining = True
 
 
 class Router:
@@ -314,7 +295,7 @@ class Router:
         self.totals.retire(statistics)
         if record.ending is not None:
             label, reason = record.ending
-        elif channel.error is None or closed_in_order(channel.error):
+        elif channel.end_reason in (None, EndReason.CLOSED, EndReason.PEER_CLOSED):
             label, reason = "agent", "the agent closed the tunnel"
         else:
             label, reason = "lost", str(channel.error) or type(channel.error).__name__
@@ -336,18 +317,15 @@ class Router:
         if record.ending is not None:
             return
         record.ending = (label, reason)
-        stop_new_calls(record.channel)
+        record.channel.initiate_shutdown()
         task = asyncio.create_task(self._drain_and_close(record.channel), name="retire tunnel")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _drain_and_close(self, channel: TunnelChannel) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.grace
-        # No event says "the last call ended"; a tenth of a second is fine
-        # for a tunnel that is going away anyway.
-        while not channel.closed and channel.statistics().streams_active and loop.time() < deadline:
-            await asyncio.sleep(0.1)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.grace):
+                await channel.wait_idle()
         await channel.aclose()
 
     # -- calls ---------------------------------------------------------------------------
