@@ -63,6 +63,10 @@ async def test_agent_registers_again_after_the_router_restarts(
     with processes() as started:
         router = started.add(Router())
         agent = started.add(Agent(router, backend, "phoenix"))
+        async with asyncio.timeout(TEST_TIMEOUT):
+            await caller.stub(router).Unary(
+                test_pb2.Message(payload=b"first"), metadata={"tunnel-key": "phoenix"}
+            )
         mark = agent.mark()
         router.signal(signal.SIGKILL)
         router.wait()
@@ -73,7 +77,11 @@ async def test_agent_registers_again_after_the_router_restarts(
             reply = await caller.stub(again).Unary(
                 test_pb2.Message(payload=b"back"), metadata={"tunnel-key": "phoenix"}
             )
+            counted = await metrics(agent.admin)
         assert reply.payload == b"back"
+        # The agent's tunnel counters kept the first tunnel's call.
+        assert counted[("grpctunnel_agent_tunnel_streams_opened_total", ())] == 2
+        assert counted[("grpctunnel_agent_disconnects_total", ())] == 1
 
 
 async def test_sigterm_drains_the_router_without_losing_a_call(

@@ -163,12 +163,9 @@ class TunnelTotals(Collector):
         self,
         program: str,
         open_tunnels: Callable[[], Iterable[dict[str, Any]]],
-        *,
-        counters: bool = True,
     ) -> None:
         self._prefix = f"grpctunnel_{program}_tunnel"
         self._open = open_tunnels
-        self._counters = counters
         self._retired: dict[str, float] = {field: 0.0 for field, _, _ in _COUNTED}
 
     def retire(self, statistics: dict[str, Any]) -> None:
@@ -178,7 +175,7 @@ class TunnelTotals(Collector):
 
     def collect(self) -> Iterator[Metric]:
         live = list(self._open())
-        for field, suffix, text in _COUNTED if self._counters else ():
+        for field, suffix, text in _COUNTED:
             total = self._retired[field] + sum(s.get(field, 0) or 0 for s in live)
             yield CounterMetricFamily(
                 f"{self._prefix}_{suffix.removesuffix('_total')}", text, value=total

@@ -125,12 +125,10 @@ class Agent:
             device = ReverseTunnelServer(channel, [], options=options, fallback=metered)
             self.meter.listen_on(device)
             self.links.append(RouterLink(address, device, channel))
-        # Gauges only: a device's tunnel is gone before ``on_disconnected``
-        # runs, so its last statistics cannot be added to counters.
+        # Counters add each ended tunnel's last statistics (``disconnected``).
         self.totals = TunnelTotals(
             "agent",
             lambda: [s for link in self.links for s in device_statistics(link.device)],
-            counters=False,
         )
         self.registry.register(self.totals)
         self.registry.register(_Connected(self))
@@ -179,6 +177,9 @@ class Agent:
             link.connected_since = None
             link.last_drop = reason
             self.disconnects_total.inc()
+            last = link.device.last_statistics
+            if last is not None:
+                self.totals.retire(dataclasses.asdict(last))
 
         await link.device.serve_forever(
             self._metadata,
