@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from ._stats import TunnelStatistics
     from ._tunnel import EndReason
     from .channel import TunnelChannel, open_tunnel
+    from .device import ReverseTunnelServer
     from .errors import (
         FrameTooLarge,
         KeepaliveTimeoutError,
@@ -42,7 +43,7 @@ if TYPE_CHECKING:
     from .options import TunnelOptions
     from .proxy import Proxy
     from .raw import RawMessage, RawStatusDetails, RawStatusDetailsCodec
-    from .reverse import ReverseChannel, ReverseTunnelServer
+    from .reverse import ReverseChannel
 
 
 #: Where each public name lives.  Imported on first use (PEP 562), so that
@@ -64,7 +65,7 @@ _WHERE = {
     "ReconnectingTunnelChannel": "._reconnecting",
     "RemoteProtocolError": ".errors",
     "ReverseChannel": ".reverse",
-    "ReverseTunnelServer": ".reverse",
+    "ReverseTunnelServer": ".device",
     "TunnelChannel": ".channel",
     "TunnelClosedError": ".errors",
     "TunnelError": ".errors",

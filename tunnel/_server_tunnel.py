@@ -19,19 +19,21 @@ import asyncio
 import contextlib
 import contextvars
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
 from google.rpc.status_pb2 import Status as StatusProto
 from grpclib.const import Handler, Status
 from grpclib.encoding.base import CodecBase, StatusDetailsCodecBase
+from grpclib.encoding.proto import ProtoCodec, ProtoStatusDetailsCodec
 from grpclib.exceptions import GRPCError
 from grpclib.metadata import Deadline
 from grpclib.protocol import Peer
 from grpclib.utils import DeadlineWrapper, Wrapper
 from multidict import MultiDict
 
+from ._carrier import StreamCarrier
 from ._core.events import DataReceived, Event, HalfClosed, StreamOpened, StreamReset
 from ._core.metadata import MetadataError
 from ._core.server import TunnelServerProtocol
@@ -40,10 +42,11 @@ from ._seam import Metadata, ServerEvents
 from ._server_stream import TunnelServerStream
 from ._tasks import cancel_and_wait
 from ._tunnel import Carrier, Ending, EndReason, Tunnel
-from .fallback import fallback_cardinality
+from ._typing import Servable
+from .fallback import Fallback, fallback_cardinality, with_fallback
 from .options import TunnelOptions
 
-__all__ = ["ServerTunnel", "TunnelInfo", "current_tunnel"]
+__all__ = ["Handlers", "ServerTunnel", "TunnelInfo", "current_tunnel", "open_server_tunnel"]
 
 log = logging.getLogger("tunnel")
 
@@ -78,6 +81,34 @@ _CLOSED_BY_CLIENT = Ending(
 )
 
 
+@dataclass(frozen=True, slots=True)
+class Handlers:
+    """What serves the streams of a tunnel: the same for every tunnel of one
+    ``TunnelServiceHandler`` (forward) or ``ReverseTunnelServer`` (a device).
+
+    ``mapping`` is every method the handlers serve, with the fallback (if
+    any) behind it; ``dispatch`` fires grpclib's server events, listened on
+    the object that holds these handlers.
+    """
+
+    mapping: Mapping[str, Handler]
+    dispatch: ServerEvents
+    codec: CodecBase
+    status_details_codec: StatusDetailsCodecBase | None
+
+    @classmethod
+    def of(cls, servables: Collection[Servable], fallback: Fallback | None) -> Handlers:
+        mapping: dict[str, Handler] = {}
+        for servable in servables:
+            mapping.update(servable.__mapping__())
+        return cls(
+            mapping=with_fallback(mapping, fallback),
+            dispatch=ServerEvents(),
+            codec=ProtoCodec(),
+            status_details_codec=ProtoStatusDetailsCodec(),
+        )
+
+
 def current_tunnel() -> TunnelInfo | None:
     """The tunnel the running handler was called through, or None.
 
@@ -95,17 +126,15 @@ class ServerTunnel(Tunnel[ClientToServer, ServerToClient]):
     def __init__(
         self,
         carrier: Carrier[ClientToServer, ServerToClient],
-        mapping: Mapping[str, Handler],
+        handlers: Handlers,
         *,
         info: TunnelInfo,
-        dispatch: ServerEvents,
-        codec: CodecBase,
-        status_details_codec: StatusDetailsCodecBase | None,
         options: TunnelOptions,
         peer_negotiates: bool,
         user_agent: str | None,
         probe: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
+        mapping = handlers.mapping
         self.core = TunnelServerProtocol(
             {name: handler.cardinality for name, handler in mapping.items()},
             peer_negotiates=peer_negotiates,
@@ -116,9 +145,9 @@ class ServerTunnel(Tunnel[ClientToServer, ServerToClient]):
         super().__init__(self.core, self.core.receive_frame, carrier, options)
         self._mapping = mapping
         self._info = info
-        self._dispatch = dispatch
-        self._codec = codec
-        self._status_details_codec = status_details_codec
+        self._dispatch = handlers.dispatch
+        self._codec = handlers.codec
+        self._status_details_codec = handlers.status_details_codec
         self._user_agent = user_agent
         self._probe_peer = probe
         self._streams: dict[int, TunnelServerStream[Any, Any]] = {}
@@ -341,3 +370,40 @@ class ServerTunnel(Tunnel[ClientToServer, ServerToClient]):
             proto = StatusProto(code=status.value)
         self.close_stream(stream._stream_id, proto, [])
         stream._send_trailing_metadata_done = True
+
+
+def open_server_tunnel(
+    stream: Any,
+    handlers: Handlers,
+    *,
+    options: TunnelOptions,
+    kind: str,
+    metadata: MultiDict[Any],
+    response_metadata: MultiDict[Any],
+    peer_negotiates: bool,
+    user_agent: str | None,
+    probe: Callable[[], Awaitable[None]] | None,
+) -> ServerTunnel:
+    """A tunnel server over a grpclib carrying call, either way it goes.
+
+    The one place both server roles open their tunnel: a forward tunnel's
+    network server (``stream`` is the grpclib server stream of
+    ``OpenTunnel``) and a device (the client stream of ``OpenReverseTunnel``).
+    ``kind`` ("forward" or "reverse") and the two header sets are what
+    ``current_tunnel()`` shows tunneled handlers.
+    """
+    carrier = StreamCarrier[ServerToClient, ClientToServer](
+        stream, ClientToServer, max_frame_size=options.max_frame_size
+    )
+    info = TunnelInfo(
+        metadata=metadata, response_metadata=response_metadata, peer=stream.peer, kind=kind
+    )
+    return ServerTunnel(
+        carrier,
+        handlers,
+        info=info,
+        options=options,
+        peer_negotiates=peer_negotiates,
+        user_agent=user_agent,
+        probe=probe,
+    )

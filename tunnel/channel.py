@@ -34,50 +34,22 @@ from ._seam import (
     MetadataLike,
     become_channel,
     channel_codecs,
-    http2_stream_limit_reached,
     received_status_headers,
 )
 from ._stats import TunnelStatistics
 from ._tunnel import EndReason
-from .errors import OpenTimeoutError
+from ._wire import (
+    NEGOTIATE_HEADER,
+    OPEN_TUNNEL,
+    announced_max_streams,
+    opening_timed_out,
+)
 from .options import TunnelOptions
 
 __all__ = ["TunnelChannel", "open_tunnel"]
 
 _SendType = TypeVar("_SendType")
 _RecvType = TypeVar("_RecvType")
-
-OPEN_TUNNEL = "/grpctunnel.v1.TunnelService/OpenTunnel"
-NEGOTIATE_HEADER = "grpctunnel-negotiate"
-#: Sent by the tunnel server's end of the carrying call (response headers of
-#: OpenTunnel, request headers of OpenReverseTunnel): how many streams it
-#: serves at once.  Peers that do not know it ignore it.
-MAX_STREAMS_HEADER = "grpclib-tunnel-max-streams"
-
-
-def opening_timed_out(what: str, timeout: float, step: str, channel: object) -> OpenTimeoutError:
-    """The error of an opening that did not finish in time, saying where it waited.
-
-    Waiting for "no connection" may mean the connection is at its limit of
-    concurrent HTTP/2 streams (each open tunnel holds one): say so.
-    """
-    message = f"could not open {what} within {timeout:g} s: {step}"
-    limit = http2_stream_limit_reached(channel) if step == "no connection" else None
-    if limit is not None:
-        message += (
-            f" (the connection is at the server's limit of {limit} concurrent HTTP/2"
-            f" streams, and each open tunnel holds one: use one connection per {limit}"
-            " tunnels, or raise the server's limit)"
-        )
-    return OpenTimeoutError(message)
-
-
-def announced_max_streams(headers: Any) -> int | None:
-    """The stream limit a tunnel server announced in *headers*, if any."""
-    value = headers.get(MAX_STREAMS_HEADER) if headers is not None else None
-    if isinstance(value, str) and value.isdigit() and int(value) > 0:
-        return int(value)
-    return None
 
 
 class TunnelChannel(grpclib.client.Channel):

@@ -19,14 +19,12 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from google.protobuf.message import Message as ProtoMessage
-from grpclib.encoding.proto import ProtoCodec, ProtoStatusDetailsCodec
-from grpclib.events import _DispatchServerEvents
 from multidict import MultiDict
 
 import tunnel
 from tunnel._client_tunnel import ClientTunnel
 from tunnel._pb.tunnel_pb2 import ClientToServer, ServerToClient
-from tunnel._server_tunnel import ServerTunnel, TunnelInfo
+from tunnel._server_tunnel import Handlers, ServerTunnel, TunnelInfo
 
 In = TypeVar("In", bound=ProtoMessage)
 Out = TypeVar("Out", bound=ProtoMessage)
@@ -138,16 +136,10 @@ async def tunnel_pair(
     server_carrier: MemoryCarrier[ClientToServer, ServerToClient] = MemoryCarrier(
         to_server, to_client, ClientToServer, can_half_close=False
     )
-    mapping = {}
-    for service in services:
-        mapping.update(service.__mapping__())
     server = ServerTunnel(
         server_carrier,
-        mapping,
+        Handlers.of(list(services), None),
         info=TunnelInfo(MultiDict(), MultiDict(), None, "forward"),
-        dispatch=_DispatchServerEvents(),
-        codec=ProtoCodec(),
-        status_details_codec=ProtoStatusDetailsCodec(),
         options=options,
         peer_negotiates=True,
         user_agent=None,

@@ -30,7 +30,7 @@ import tunnel
 from tests.field.test_processes import network_server, reached
 from tests.reverse.support import who
 from tunnel._pb.tunnel_pb2 import ClientToServer, Metadata, NewStream, ServerToClient
-from tunnel.channel import NEGOTIATE_HEADER, OPEN_TUNNEL
+from tunnel._wire import NEGOTIATE_HEADER, OPEN_TUNNEL
 
 STREAMS = 1_000_000
 #: How long the flood may write before it is stopped (it stalls much sooner).

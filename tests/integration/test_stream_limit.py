@@ -28,7 +28,7 @@ from tests.integration.support import (
     tunnel_over,
 )
 from tests.reverse.support import connected, device_server, key_from_metadata, router
-from tunnel.channel import MAX_STREAMS_HEADER
+from tunnel._wire import MAX_STREAMS_HEADER
 from tunnel.testing import Message
 
 LIMIT = 3

@@ -46,10 +46,10 @@ from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from ..device import ReverseTunnelServer
 from ..fallback import Fallback
 from ..proxy import Proxy
 from ..raw import RawMessage
-from ..reverse import ReverseTunnelServer
 from ._admin import AdminServer, listening_socket
 from ._config import Address, read_secret
 from ._logs import context_fields, event, setup_logging

@@ -52,11 +52,12 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .._tunnel import EndReason
+from .._wire import OPEN_REVERSE_TUNNEL
 from ..channel import TunnelChannel
 from ..fallback import install_fallback
 from ..handler import TunnelServiceHandler
 from ..proxy import Proxy
-from ..reverse import OPEN_REVERSE_TUNNEL, ReverseChannel
+from ..reverse import ReverseChannel
 from ._admin import AdminServer, bound, listening_socket
 from ._logs import event, setup_logging
 from ._metrics import CallMeter, TunnelTotals, statistics_of

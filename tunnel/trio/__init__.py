@@ -47,8 +47,8 @@ from multidict import MultiDict
 
 from .. import _seam
 from .. import channel as _aio_channel
+from .. import device as _aio_device
 from .. import handler as _aio_handler
-from .. import reverse as _aio_reverse
 from .._typing import Servable
 from ._bridge import CANCEL_GRACE, asyncio_args, asyncio_kwargs, await_asyncio, hop, require_loop
 from ._channels import (
@@ -129,7 +129,7 @@ class ReverseTunnelServer:
     def __init__(
         self, channel: grpclib.client.Channel, handlers: Collection[Any], **kwargs: Any
     ) -> None:
-        self.aio = _aio_reverse.ReverseTunnelServer(
+        self.aio = _aio_device.ReverseTunnelServer(
             asyncio_channel(channel), trio_handlers(handlers), **_server_kwargs(kwargs)
         )
 
