@@ -222,11 +222,7 @@ class TunnelClientStream(
         except (TunnelClosedError, MetadataError):
             return False
         self._tunnel.drop_call(self._stream_id)
-        for data in replay:
-            tunnel.core.send_message(stream_id, data)
-        if self._end_done:
-            tunnel.core.half_close(stream_id)
-        tunnel.driver.wake()
+        tunnel.queue_messages(stream_id, replay, end=self._end_done)
         self._tunnel = tunnel
         self._stream_id = stream_id
         self.peer = tunnel.carrier.peer
@@ -293,7 +289,7 @@ class TunnelClientStream(
             self._inbox.acknowledge = functools.partial(self._tunnel.acknowledge, self._stream_id)
             self._send_request_done = True
             if end:
-                self._tunnel.core.half_close(self._stream_id)
+                self._tunnel.half_close(self._stream_id)
                 self._end_done = True
 
     def _codec_content_type(self) -> str:
@@ -323,13 +319,8 @@ class TunnelClientStream(
                 if status is not None:
                     raise status_error(status, self._status_details_codec)
                 return
-            tunnel = self._tunnel
             self._keep_for_replay(data)
-            tunnel.core.send_message(self._stream_id, data)
-            if end_stream:
-                tunnel.core.half_close(self._stream_id)
-            tunnel.driver.wake()
-            await tunnel.driver.flushed(self._stream_id)
+            await self._tunnel.send_message(self._stream_id, data, end=end_stream)
 
     async def end(self) -> None:
         if not self._send_request_done:
@@ -342,9 +333,8 @@ class TunnelClientStream(
             self._end_done = True
             return
         self._end_done = True
-        if self._end is None and self._tunnel.core.is_open(self._stream_id):
-            self._tunnel.core.half_close(self._stream_id)
-            self._tunnel.driver.wake()
+        if self._end is None:
+            self._tunnel.half_close(self._stream_id)
 
     # -- receiving -------------------------------------------------------------
 

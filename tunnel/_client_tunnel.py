@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from google.rpc.status_pb2 import Status as StatusProto
@@ -67,7 +68,7 @@ class ClientTunnel(Tunnel[ServerToClient, ClientToServer]):
         peer_max_streams: int | None = None,
     ) -> None:
         self.core = TunnelClientProtocol(
-            peer_negotiates=peer_negotiates, **options.protocol_settings()
+            peer_negotiates=peer_negotiates, **options._protocol_settings()
         )
         super().__init__(self.core, self.core.receive_frame, carrier, options)
         self.calls: dict[int, TunnelClientStream[object, object]] = {}
@@ -164,6 +165,30 @@ class ClientTunnel(Tunnel[ServerToClient, ClientToServer]):
         if self._ending is not None and self._ending.error is not None:
             return self._ending.message
         return "tunnel closed"
+
+    async def send_message(self, stream_id: int, data: bytes, *, end: bool = False) -> None:
+        """Queue one request message (and the half-close with it, if *end*).
+
+        Returns once the stream has no more than a window of data queued:
+        the back-pressure of a tunneled ``send_message``.
+        """
+        self.queue_messages(stream_id, (data,), end=end)
+        await self.driver.flushed(stream_id)
+
+    def queue_messages(self, stream_id: int, messages: Iterable[bytes], *, end: bool) -> None:
+        """Queue request messages at once, without waiting for them to leave."""
+        core = self.core
+        for data in messages:
+            core.send_message(stream_id, data)
+        if end:
+            core.half_close(stream_id)
+        self.driver.wake()
+
+    def half_close(self, stream_id: int) -> None:
+        """No more requests on this stream (a no-op once it is over)."""
+        if self.core.is_open(stream_id):
+            self.core.half_close(stream_id)
+            self.driver.wake()
 
     def drop_call(self, stream_id: int) -> None:
         """Take a call out of the table (it is over, or went to another tunnel)."""

@@ -100,6 +100,37 @@ class TunnelServerStream(
         self._changed.set()
 
     @property
+    def stream_id(self) -> int:
+        """The tunnel's id of this stream."""
+        return self._stream_id
+
+    @property
+    def method_name(self) -> str:
+        """The full method name, ``/package.Service/Method``."""
+        return self._method_name
+
+    # -- the tunnel's side (with the ``_on_*`` events above) ------------------------
+
+    @property
+    def _owes_reply(self) -> bool:
+        """True while a unary-response call has sent no message (OK would be wrong)."""
+        return not self._cardinality.value.server_streaming and not self._send_message_done
+
+    def _end_with(self, status: Status, message: str | None, details: Any = None) -> None:
+        """End the call with a status now, unless it is over (its tunnel's last word).
+
+        Used by the tunnel for what the handler did not say itself: it
+        raised, was cancelled, or returned without a reply.
+        """
+        if self.closed:
+            return
+        proto = self._status_proto(status, message, details)
+        if proto is None:
+            proto = StatusProto(code=status.value)
+        self._tunnel.close_stream(self._stream_id, proto, [])
+        self._send_trailing_metadata_done = True
+
+    @property
     def closed(self) -> bool:
         """True once the final status went out (or the stream was reset)."""
         return self._send_trailing_metadata_done or self._reset or self._cancel_done

@@ -140,7 +140,7 @@ class ServerTunnel(Tunnel[ClientToServer, ServerToClient]):
             peer_negotiates=peer_negotiates,
             max_concurrent_streams=options.max_concurrent_streams,
             fallback=fallback_cardinality(mapping),
-            **options.protocol_settings(),
+            **options._protocol_settings(),
         )
         super().__init__(self.core, self.core.receive_frame, carrier, options)
         self._mapping = mapping
@@ -289,7 +289,7 @@ class ServerTunnel(Tunnel[ClientToServer, ServerToClient]):
     # -- running one handler -------------------------------------------------------
 
     async def _run_handler(self, stream: TunnelServerStream[Any, Any], handler: Handler) -> None:
-        stream_id = stream._stream_id
+        stream_id = stream.stream_id
         try:
             await self._call_handler(stream, handler)
         except asyncio.CancelledError:
@@ -298,17 +298,17 @@ class ServerTunnel(Tunnel[ClientToServer, ServerToClient]):
             # not the caller's cancel, and a caller behind a proxy must see
             # it as the server side going away.
             ending = self._ending
-            self._fail(stream, Status.UNAVAILABLE, ending.message if ending else "tunnel closed")
+            stream._end_with(Status.UNAVAILABLE, ending.message if ending else "tunnel closed")
         except GRPCError as exc:
-            self._fail(stream, exc.status, exc.message, exc.details)
+            stream._end_with(exc.status, exc.message, exc.details)
         except MetadataError as exc:
-            self._fail(stream, Status.INTERNAL, str(exc))
+            stream._end_with(Status.INTERNAL, str(exc))
         except Exception:
-            log.exception("Application error in tunneled call %s", stream._method_name)
-            self._fail(stream, Status.UNKNOWN, "Internal Server Error")
+            log.exception("Application error in tunneled call %s", stream.method_name)
+            stream._end_with(Status.UNKNOWN, "Internal Server Error")
         finally:
             if self.core.is_open(stream_id):  # defensive: never leave a stream open
-                self._fail(stream, Status.INTERNAL, "handler ended without a status")
+                stream._end_with(Status.INTERNAL, "handler ended without a status")
             self._streams.pop(stream_id, None)
             self._tasks.pop(stream_id, None)
             self.driver.release_waiters(stream_id)
@@ -331,7 +331,7 @@ class ServerTunnel(Tunnel[ClientToServer, ServerToClient]):
                 stream.metadata, method_func = await self._dispatch.recv_request(
                     stream.metadata,
                     handler.func,
-                    method_name=stream._method_name,
+                    method_name=stream.method_name,
                     deadline=stream.deadline,
                     content_type="application/grpc",
                     user_agent=stream.user_agent,
@@ -347,29 +347,14 @@ class ServerTunnel(Tunnel[ClientToServer, ServerToClient]):
             raise
         if stream.closed:
             return
-        if not stream._cardinality.value.server_streaming and not stream._send_message_done:
+        if stream._owes_reply:
             log.error(
                 "Unary response with OK status requires a single message to be sent: %r",
-                stream._method_name,
+                stream.method_name,
             )
-            self._fail(stream, Status.UNKNOWN, "Internal Server Error")
+            stream._end_with(Status.UNKNOWN, "Internal Server Error")
             return
         await stream.send_trailing_metadata()
-
-    def _fail(
-        self,
-        stream: TunnelServerStream[Any, Any],
-        status: Status,
-        message: str | None,
-        details: Any = None,
-    ) -> None:
-        if stream.closed or not self.core.is_open(stream._stream_id):
-            return
-        proto = stream._status_proto(status, message, details)
-        if proto is None:
-            proto = StatusProto(code=status.value)
-        self.close_stream(stream._stream_id, proto, [])
-        stream._send_trailing_metadata_done = True
 
 
 def open_server_tunnel(

@@ -7,14 +7,14 @@ from typing import TypedDict
 
 from ._core.flow import MAX_CHUNK
 
-__all__ = ["FRAME_OVERHEAD", "ProtocolSettings", "TunnelOptions"]
+__all__ = ["FRAME_OVERHEAD", "TunnelOptions"]
 
 #: Room for the parts of a frame around its data or metadata (stream id,
 #: field tags and lengths), in the floor of ``max_frame_size``.
 FRAME_OVERHEAD = 1024
 
 
-class ProtocolSettings(TypedDict):
+class _ProtocolSettings(TypedDict):
     """What the sans-IO protocol objects take from the options (either end)."""
 
     disable_flow_control: bool
@@ -113,9 +113,9 @@ class TunnelOptions:
         if not self.keepalive_timeout > 0:
             raise ValueError("keepalive_timeout must be positive")
 
-    def protocol_settings(self) -> ProtocolSettings:
+    def _protocol_settings(self) -> _ProtocolSettings:
         """The keyword arguments of ``TunnelClientProtocol``/``TunnelServerProtocol``."""
-        return ProtocolSettings(
+        return _ProtocolSettings(
             disable_flow_control=self.disable_flow_control,
             max_receive_message_length=self.max_receive_message_length,
             max_metadata_size=self.max_metadata_size,

@@ -17,9 +17,10 @@ The touches, one line each (keep this list in step with the code):
 * ``ReconnectingTunnelChannel``: ``_acquire()`` (the tunnel for a call,
   waiting or failing fast by its policy), ``_codec``,
   ``_status_details_codec`` and ``_options``.
-* ``ClientTunnel.driver`` / ``ServerTunnel.driver`` and ``.core``: queue a
-  frame, wake the writer, read how much a stream has queued; and
-  ``_driver.SEND_BUFFER``, the amount past which a sender waits.
+* ``ClientTunnel.queue_messages`` / ``ServerTunnel.core`` and ``.driver``:
+  queue a message without waiting, wake the writer, read how much a stream
+  has queued; and ``_driver.SEND_BUFFER``, the amount past which a sender
+  waits.
 * ``TunnelServerStream._changed`` and ``._tunnel``: the event a tunneled
   handler waits on, and the tunnel it sends through.
 """

@@ -98,33 +98,19 @@ class _CallDeadline:
         return swallowed
 
 
-class _DriverView:
-    """A driver whose ``flushed`` suits the flavour that awaits it."""
-
-    __slots__ = ("_driver", "wake")
-
-    def __init__(self, driver: Driver[Any, Any]) -> None:
-        self._driver = driver
-        self.wake = driver.wake
-
-    async def flushed(self, stream_id: int) -> None:
-        await wait_flushed(self._driver, stream_id)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._driver, name)
-
-
 class _ClientTunnelView:
-    """A ``ClientTunnel`` as a trio-driven call sees it (its driver's waits)."""
+    """A ``ClientTunnel`` as a trio-driven call sees it: its sends wait the trio way."""
 
     def __init__(self, tunnel: Any) -> None:
         self._tunnel = tunnel
-        self.driver = _DriverView(tunnel.driver)
-        self.core = tunnel.core
-        self.carrier = tunnel.carrier
-        self.open_stream = tunnel.open_stream
-        self.forget = tunnel.forget
-        self.acknowledge = tunnel.acknowledge
+
+    async def send_message(self, stream_id: int, data: bytes, *, end: bool = False) -> None:
+        tunnel = self._tunnel
+        if not in_trio():
+            await tunnel.send_message(stream_id, data, end=end)
+            return
+        tunnel.queue_messages(stream_id, (data,), end=end)
+        await wait_flushed(tunnel.driver, stream_id)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._tunnel, name)
