@@ -20,7 +20,7 @@ import asyncio
 import functools
 from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Self, TypeVar, cast
 
 import grpclib.client
 from google.rpc.status_pb2 import Status as StatusProto
@@ -33,7 +33,7 @@ from multidict import MultiDict
 
 from ._core.metadata import MetadataPairs
 from ._inbox import Inbox
-from ._seam import ChannelEvents, Metadata, deadline_passed
+from ._seam import ChannelEvents, Metadata, MetadataLike, deadline_passed
 from .errors import MetadataError, TunnelClosedError
 
 if TYPE_CHECKING:
@@ -158,6 +158,42 @@ class TunnelClientStream(
         self._end: tuple[StatusProto | None, MetadataPairs] | None = None
         self._abrupt = False
         self._changed = asyncio.Event()
+
+    @classmethod
+    def for_call(
+        cls,
+        tunnel: ClientTunnel | Callable[[], Awaitable[ClientTunnel]],
+        name: str,
+        cardinality: Cardinality,
+        request_type: type[_SendType],
+        reply_type: type[_RecvType],
+        *,
+        timeout: float | None,
+        deadline: Deadline | None,
+        metadata: MetadataLike | None,
+        codec: CodecBase,
+        status_details_codec: StatusDetailsCodecBase | None,
+        dispatch: ChannelEvents,
+        **more: Any,
+    ) -> Self:
+        """A call as ``Channel.request`` makes one: the earlier of ``timeout``
+        and ``deadline`` is its deadline, as in grpclib."""
+        if timeout is not None:
+            timeout_deadline = Deadline.from_timeout(timeout)
+            deadline = timeout_deadline if deadline is None else min(deadline, timeout_deadline)
+        return cls(
+            tunnel,
+            name,
+            cast(Metadata, MultiDict(metadata or ())),
+            cardinality,
+            request_type,
+            reply_type,
+            codec=codec,
+            status_details_codec=status_details_codec,
+            dispatch=dispatch,
+            deadline=deadline,
+            **more,
+        )
 
     # -- events from the tunnel --------------------------------------------
 

@@ -27,19 +27,18 @@ import enum
 import logging
 from collections.abc import Callable, Collection
 from types import TracebackType
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import grpclib.client
 from grpclib.const import Cardinality, Status
 from grpclib.encoding.proto import ProtoCodec, ProtoStatusDetailsCodec
 from grpclib.exceptions import GRPCError
 from grpclib.metadata import Deadline
-from multidict import MultiDict
 
 from ._client_stream import TunnelClientStream
 from ._client_tunnel import ClientTunnel
 from ._retry import PERMANENT_STATUSES, MetadataSource, Retry, check_callback, resolve_metadata
-from ._seam import Metadata, MetadataLike, become_channel, channel_codecs
+from ._seam import MetadataLike, become_channel, channel_codecs
 from ._tasks import call_back, cancel_and_wait
 from ._tunnel import describe
 from .channel import TunnelChannel, open_tunnel
@@ -184,20 +183,18 @@ class ReconnectingTunnelChannel(grpclib.client.Channel):
         deadline: Deadline | None = None,
         metadata: MetadataLike | None = None,
     ) -> TunnelClientStream[_SendType, _RecvType]:
-        if timeout is not None:
-            timeout_deadline = Deadline.from_timeout(timeout)
-            deadline = timeout_deadline if deadline is None else min(deadline, timeout_deadline)
-        return TunnelClientStream(
+        return TunnelClientStream.for_call(
             self._acquire,
             name,
-            cast(Metadata, MultiDict(metadata or ())),
             cardinality,
             request_type,
             reply_type,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
             codec=self._codec,
             status_details_codec=self._status_details_codec,
             dispatch=self.__dispatch__,
-            deadline=deadline,
         )
 
     # -- keeping a tunnel open ---------------------------------------------------

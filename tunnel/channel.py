@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 from collections.abc import Callable, Generator
 from types import TracebackType
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import grpclib.client
 from grpclib.const import Cardinality, Status
@@ -30,7 +30,6 @@ from ._client_tunnel import ClientTunnel
 from ._pb.tunnel_pb2 import ClientToServer, ServerToClient
 from ._seam import (
     ChannelEvents,
-    Metadata,
     MetadataLike,
     become_channel,
     channel_codecs,
@@ -146,20 +145,18 @@ class TunnelChannel(grpclib.client.Channel):
         ``pick_another`` (from a pool) gives the call another tunnel if this
         one refuses it before processing any of it.
         """
-        if timeout is not None:
-            timeout_deadline = Deadline.from_timeout(timeout)
-            deadline = timeout_deadline if deadline is None else min(deadline, timeout_deadline)
-        return TunnelClientStream(
+        return TunnelClientStream.for_call(
             self._tunnel,
             name,
-            cast(Metadata, MultiDict(metadata or ())),
             cardinality,
             request_type,
             reply_type,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
             codec=self._codec,
             status_details_codec=self._status_details_codec,
             dispatch=dispatch,
-            deadline=deadline,
             pick_another=pick_another,
         )
 

@@ -14,13 +14,14 @@ from typing import Any, TypeVar
 import grpclib.client
 import trio
 from grpclib.const import Cardinality
-from grpclib.metadata import Deadline, _MetadataLike
+from grpclib.metadata import Deadline
 from grpclib.protocol import Peer
 from multidict import MultiDict
 
 from .. import _reconnecting as _aio_reconnecting
 from .. import channel as _aio_channel
 from .. import reverse as _aio_reverse
+from .._seam import MetadataLike
 from . import _layer
 from ._bridge import asyncio_kwargs, hop
 from ._streams import TrioClientStream
@@ -67,23 +68,21 @@ class _TrioChannel(grpclib.client.Channel):
         *,
         timeout: float | None = None,
         deadline: Deadline | None = None,
-        metadata: _MetadataLike | None = None,
+        metadata: MetadataLike | None = None,
     ) -> TrioClientStream[_SendType, _RecvType]:
-        if timeout is not None:
-            timeout_deadline = Deadline.from_timeout(timeout)
-            deadline = timeout_deadline if deadline is None else min(deadline, timeout_deadline)
         tunnel, codec, details_codec = self._call_parts()
-        return TrioClientStream(
+        return TrioClientStream.for_call(
             tunnel,
             name,
-            MultiDict(metadata or ()),
             cardinality,
             request_type,
             reply_type,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
             codec=codec,
             status_details_codec=details_codec,
             dispatch=self.aio.__dispatch__,
-            deadline=deadline,
             **self._call_options(),
         )
 
