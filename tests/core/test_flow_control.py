@@ -273,7 +273,7 @@ def test_overflowing_window_update_is_capped_and_nothing_breaks() -> None:
     server.receive_frame(new_stream(1, SERVER_STREAM, window=2**32 - 1))
     for _ in range(3):
         assert server.receive_frame(client_window_update(1, 2**32 - 1)) == []
-    assert server._streams[1].send_window == MAX_WINDOW
+    assert server._streams[1].queue.window == MAX_WINDOW
     server.receive_frame(request(1, b"q"))
     server.send_message(1, b"x" * 40_000)
     server.close_stream(1, None)

@@ -11,7 +11,13 @@ every step:
 * no stream id is in the stream table that was never opened;
 * no frame goes out for a stream after its ``close_stream``/``cancel``, and
   a client sends nothing for a stream before its ``new_stream``;
-* every stream gets at most one ending.
+* every stream gets at most one ending;
+* the counts, the round-robin ring, the queues' byte counts and the
+  windows agree with the stream table (``invariants.check``).
+
+Once ``receive_frame`` has raised ``RemoteProtocolError``, the object stays
+failed: every later frame raises again, no stream can be opened, calls on
+the streams it had do nothing, and nothing is left to send.
 
 Every frame crosses the carrying call as the carrier takes it: bounded by
 its gRPC prefix (``max_frame_size``), then parsed.  Some frames are over
@@ -39,10 +45,12 @@ from hypothesis import strategies as st
 from tunnel._core.events import DataReceived, StreamEnded, StreamOpened, StreamReset
 from tunnel._core.flow import MAX_CHUNK
 from tunnel._core.framing import decode_frame, frame_length, frame_prefix
+from tunnel._core.states import RequestState, ResponseState
 from tunnel._pb.tunnel_pb2 import ClientToServer, MessageData, ServerToClient
 from tunnel.errors import FrameTooLarge, RemoteProtocolError
 from tunnel.options import FRAME_OVERHEAD
 
+from . import invariants
 from .helpers import (
     METHODS,
     close,
@@ -188,11 +196,9 @@ def server_app_step(
     if not server.is_open(sid):
         return None
     stream = server._streams[sid]
-    if action == "headers" and not stream.headers_done:
+    if action == "headers" and stream.response is ResponseState.OPEN:
         server.send_headers(sid, [("x-h", "v")])
-    elif action == "send" and (
-        stream.cardinality.value.server_streaming or not stream.sent_messages
-    ):
+    elif action == "send" and stream.response is not ResponseState.DONE:
         server.send_message(sid, b"r" * data.draw(st.integers(0, 70_000)))
     elif action == "close":
         code = data.draw(st.sampled_from([Status.OK, Status.CANCELLED, Status.INTERNAL]))
@@ -229,10 +235,13 @@ def test_server_survives_any_frame_sequence(data: st.DataObject) -> None:
         if data.draw(st.integers(0, 2)):
             drawn = draw_client_frame(data, seen)
             last = max(seen, default=0)
+            frame = None
             try:
                 frame = carry(drawn, ClientToServer)
                 events = server.receive_frame(frame)
             except RemoteProtocolError as exc:
+                if frame is not None:
+                    invariants.failed_for_good(server, opened)
                 event(f"server: tunnel aborted ({str(exc).split(',')[0].split('(')[0][:40]})")
                 # A new_stream with a fresh id ends the tunnel only if it is
                 # over the frame bound, whatever its metadata.
@@ -254,6 +263,7 @@ def test_server_survives_any_frame_sequence(data: st.DataObject) -> None:
             if limit is not None:
                 pull(limit)
         assert set(server._streams) <= set(opened)
+        invariants.check(server)
 
     # The application closes everything; the client opens every window.
     for sid in opened:
@@ -331,10 +341,9 @@ def client_app_step(
     if not client.is_open(sid):
         return None
     stream = client._streams[sid]
-    if action == "send" and stream.sending:
-        if stream.cardinality.value.client_streaming or not stream.sent_messages:
-            client.send_message(sid, b"q" * data.draw(st.integers(0, 70_000)))
-    elif action == "half_close" and stream.sending:
+    if action == "send" and stream.request is RequestState.OPEN:
+        client.send_message(sid, b"q" * data.draw(st.integers(0, 70_000)))
+    elif action == "half_close" and stream.request in (RequestState.OPEN, RequestState.DONE):
         client.half_close(sid)
     elif action == "cancel":
         client.cancel(sid)
@@ -375,9 +384,13 @@ def test_client_survives_any_frame_sequence(data: st.DataObject) -> None:
     for _ in range(data.draw(st.integers(1, 40))):
         if announced and data.draw(st.integers(0, 2)):
             drawn = draw_server_frame(data, sorted(announced))
+            frame = None
             try:
-                events = client.receive_frame(carry(drawn, ServerToClient))
+                frame = carry(drawn, ServerToClient)
+                events = client.receive_frame(frame)
             except RemoteProtocolError as exc:
+                if frame is not None:
+                    invariants.failed_for_good(client, opened)
                 event(f"client: tunnel aborted ({str(exc).split(' for ')[0].split('(')[0][:40]})")
                 # Headers of a stream in play end the tunnel only if the
                 # frame is over the bound, whatever its metadata.
@@ -397,6 +410,7 @@ def test_client_survives_any_frame_sequence(data: st.DataObject) -> None:
             if limit is not None:
                 pull(limit)
         assert set(client._streams) <= set(opened)
+        invariants.check(client)
 
     # The caller gives up on whatever is still open; the server opens every window.
     for sid in opened:

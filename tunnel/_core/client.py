@@ -14,6 +14,13 @@ Stream ids are chosen here, strictly increasing from 1 and never reused, so
 that is a broken peer, and ends the tunnel.  A frame for a lower id whose
 stream is gone is late (the peer had not yet seen our cancel, say) and is
 ignored.
+
+The client sends the request half and receives the response half of each
+stream (``states.py``).  A new stream's response half is ``IDLE`` until the
+writer takes its ``new_stream`` frame: until then the server cannot know
+the id, so any frame for it is made up and ends the tunnel, and a cancel
+sends nothing (the server would end the tunnel for a cancel of an id it
+never saw).
 """
 
 from __future__ import annotations
@@ -35,14 +42,34 @@ from .._pb.tunnel_pb2 import (
     ServerToClient,
 )
 from ..errors import LocalProtocolError, NegotiationError, RemoteProtocolError
-from .connection import KEEPALIVE_METHOD, Connection, StreamState
-from .events import DataReceived, Event, HeadersReceived, Negotiated, StreamEnded
+from .connection import (
+    KEEPALIVE_METHOD,
+    REQUEST_OVER_ROW,
+    RESPONSE_IDLE,
+    RESPONSE_OPEN,
+    RESPONSE_OVER,
+    T_FAILED,
+    T_OPEN,
+    Connection,
+    Stream,
+)
+from .events import Event, HeadersReceived, Negotiated, StreamEnded
 from .flow import INITIAL_WINDOW_SIZE, StreamFault
 from .metadata import MetadataError, MetadataPairs, decode_metadata, encode_metadata
+from .states import FRAME_INPUTS, Go, Input, Reset, ResponseState, TunnelState
 
 __all__ = ["TunnelClientProtocol"]
 
 _EMPTY = Empty()
+
+_SEND_MESSAGE = Input.SEND_MESSAGE
+_HALF_CLOSE = Input.HALF_CLOSE
+_CANCEL = Input.CANCEL
+_MESSAGE = Input.RECV_RESPONSE_MESSAGE
+_MORE_DATA = Input.RECV_MORE_RESPONSE_DATA
+_HEADERS = Input.RECV_RESPONSE_HEADERS
+_CLOSE_STREAM = Input.RECV_CLOSE_STREAM
+_WINDOW_UPDATE = Input.RECV_WINDOW_UPDATE
 
 
 class TunnelClientProtocol(Connection[ClientToServer]):
@@ -51,6 +78,8 @@ class TunnelClientProtocol(Connection[ClientToServer]):
     ``peer_negotiates`` says whether the tunnel server's side of the carrying
     call sent ``grpctunnel-negotiate: on``.
     """
+
+    _peer = "tunnel server"
 
     def __init__(
         self,
@@ -69,22 +98,24 @@ class TunnelClientProtocol(Connection[ClientToServer]):
         self._supported = {REVISION_ZERO} if disable_flow_control else {REVISION_ZERO, REVISION_ONE}
         #: None until negotiation is done.
         self.revision: int | None = None if peer_negotiates else REVISION_ZERO
+        if peer_negotiates:
+            self.state = TunnelState.NEGOTIATING
         #: The send window of each new stream: the server's initial window.
         self._initial_send_window = INITIAL_WINDOW_SIZE
 
     @property
     def ready(self) -> bool:
-        """True once streams may be created."""
-        return self.revision is not None
+        """True once (and while) streams may be created."""
+        return self.state is T_OPEN
 
     # -- frame constructors ---------------------------------------------
 
-    def _first_chunk(self, stream_id: int, size: int, data: bytes) -> ClientToServer:
+    def message_frame(self, stream_id: int, size: int, data: bytes) -> ClientToServer:
         return ClientToServer(
             stream_id=stream_id, request_message=MessageData(size=size, data=data)
         )
 
-    def _more_data(self, stream_id: int, data: bytes) -> ClientToServer:
+    def more_data_frame(self, stream_id: int, data: bytes) -> ClientToServer:
         return ClientToServer(stream_id=stream_id, more_request_data=data)
 
     def _window_update(self, stream_id: int, n: int) -> ClientToServer:
@@ -105,9 +136,12 @@ class TunnelClientProtocol(Connection[ClientToServer]):
         ``timeout`` (seconds) travels as a ``grpc-timeout`` request header, so
         the tunnel server can enforce the deadline too.  Raises
         ``MetadataError`` (a ``ValueError``) for metadata that cannot travel;
-        then no stream is created.
+        then no stream is created.  Raises ``LocalProtocolError`` before
+        negotiation is done, and ``TunnelFailedError`` once the tunnel failed.
         """
-        if self.revision is None:
+        if self.state is not T_OPEN:
+            if self.state is T_FAILED:
+                raise self._closed()
             raise LocalProtocolError("the tunnel is not ready: negotiation is not done")
         new_stream = NewStream(
             method_name=method,
@@ -124,6 +158,7 @@ class TunnelClientProtocol(Connection[ClientToServer]):
         st = self._add_stream(
             stream_id,
             cardinality,
+            response=RESPONSE_IDLE,
             send_window=self._initial_send_window,
             flow_control=self.revision == REVISION_ONE,
         )
@@ -137,35 +172,46 @@ class TunnelClientProtocol(Connection[ClientToServer]):
 
     def send_message(self, stream_id: int, data: bytes) -> None:
         """Queue one serialized request message."""
-        st = self._active(stream_id)
-        if not st.sending:
-            raise LocalProtocolError("the request stream was already half-closed")
-        if not st.cardinality.value.client_streaming and st.sent_messages:
-            raise LocalProtocolError("a unary request stream takes exactly one message")
-        st.sent_messages += 1
+        st = self._streams.get(stream_id)
+        if st is None:
+            return self._gone(stream_id, _SEND_MESSAGE, REQUEST_OVER_ROW)
+        step = st.request_rules[st.request][_SEND_MESSAGE]
+        if not isinstance(step, Go):
+            self._misuse(step, stream_id)
+        st.request = step.next
         self._queue_message(st, data)
 
     def half_close(self, stream_id: int) -> None:
         """No more requests on this stream."""
-        st = self._active(stream_id)
-        if not st.sending:
-            raise LocalProtocolError("the request stream was already half-closed")
-        st.sending = False
+        st = self._streams.get(stream_id)
+        if st is None:
+            return self._gone(stream_id, _HALF_CLOSE, REQUEST_OVER_ROW)
+        step = st.request_rules[st.request][_HALF_CLOSE]
+        if not isinstance(step, Go):
+            self._misuse(step, stream_id)
+        st.request = step.next
         self._queue(st, ClientToServer(stream_id=stream_id, half_close=_EMPTY))
 
     def cancel(self, stream_id: int) -> None:
-        """Abort a stream.  Unsent data is dropped; a no-op on a finished stream."""
+        """Abort a stream.  Unsent data is dropped; a no-op on a stream that is over."""
         st = self._streams.get(stream_id)
-        if st is None or st.finished:
-            return
-        announced = not _unannounced(st)
-        self._failed(st)
-        st.pending.clear()
-        st.buffered = 0
-        if announced:
-            st.pending.append(ClientToServer(stream_id=stream_id, cancel=_EMPTY))
+        if st is not None and isinstance(st.request_rules[st.request][_CANCEL], Go):
+            self._cancel(st)
+
+    def _cancel(self, st: Stream[ClientToServer]) -> None:
+        """End a running stream from this side.
+
+        If its ``new_stream`` has not gone out yet, nothing goes out: a
+        ``cancel`` for a stream the server never saw would make it end the
+        whole tunnel.
+        """
+        self._count_failed(st)
+        queue = st.queue
+        queue.clear()
+        if st.response is not RESPONSE_IDLE:
+            queue.append(ClientToServer(stream_id=st.id, cancel=_EMPTY))
             self._schedule(st)
-        self._finish(st, drop_pending=False)
+        self._end(st)
 
     # -- the peer's side -------------------------------------------------
 
@@ -173,34 +219,35 @@ class TunnelClientProtocol(Connection[ClientToServer]):
         """Process one frame from the tunnel server.
 
         Raises ``RemoteProtocolError`` if the frame means the tunnel cannot go
-        on; faults of one stream end that stream with a ``StreamEnded``.
+        on (and every later frame raises it too); faults of one stream end
+        that stream with a ``StreamEnded``.
         """
-        kind = frame.WhichOneof("frame")
-        if self.revision is None:
-            return [self._negotiate(frame, kind)]
-        stream_id = frame.stream_id
-        queued = self._streams.get(stream_id)
-        if queued is not None and _unannounced(queued):
-            # Our new_stream for it has not even been written: the server
-            # cannot know this id, so it is making frames up.
-            raise RemoteProtocolError(
-                f"tunnel server sent a {kind or 'empty'} frame for stream {stream_id}, "
-                "whose new_stream was never sent"
-            )
-        if kind == "window_update":
-            return self._window_update_received(stream_id, frame.window_update)
-        st = self._protocol_stream(stream_id)
-        if st is None:
-            if 0 < stream_id <= self._last_id or (kind == "settings" and stream_id == -1):
-                return []  # late frame for a finished stream, or repeated settings
-            raise RemoteProtocolError(
-                f"tunnel server sent a {kind or 'empty'} frame for stream {stream_id}, "
-                "which was never opened"
-            )
         try:
-            return self._dispatch(st, frame, kind)
-        except StreamFault as fault:
-            return [self._fail(st, fault.status, fault.message)]
+            if self.state is not T_OPEN:
+                return self._before_open(frame)
+            stream_id = frame.stream_id
+            kind = frame.WhichOneof("frame")
+            st = self._streams.get(stream_id)
+            if st is None:
+                if kind == "settings" and stream_id == -1:
+                    return []  # settings again: nothing to do
+                return self._no_stream(stream_id, kind)
+            input_ = FRAME_INPUTS[kind]
+            step = st.response_rules[st.response][input_]
+            if not isinstance(step, Go):
+                return self._refused(st, step, kind)
+            try:
+                return self._dispatch(st, step, input_, frame)
+            except StreamFault as fault:
+                return [self._stream_fault(st, Reset(fault.status, fault.message))]
+        except RemoteProtocolError as error:
+            self._fail_tunnel(error)
+            raise
+
+    def _before_open(self, frame: ServerToClient) -> list[Event]:
+        if self.state is T_FAILED:
+            raise self._failed_again()
+        return [self._negotiate(frame, frame.WhichOneof("frame"))]
 
     def _negotiate(self, frame: ServerToClient, kind: str | None) -> Event:
         if kind != "settings" or frame.stream_id != -1:
@@ -217,42 +264,46 @@ class TunnelClientProtocol(Connection[ClientToServer]):
             )
         self.revision = max(common)
         self._initial_send_window = frame.settings.initial_window_size
+        self.state = T_OPEN
         return Negotiated(self.revision)
 
-    def _dispatch(self, st: StreamState, frame: ServerToClient, kind: str | None) -> list[Event]:
-        if kind == "response_message":
-            return [*self._headers_first(st), self._first(st, frame.response_message)]
-        if kind == "more_response_data":
+    def _dispatch(
+        self,
+        st: Stream[ClientToServer],
+        step: Go[ResponseState],
+        input_: Input,
+        frame: ServerToClient,
+    ) -> list[Event]:
+        """A frame the table let through: check its bytes, then move on."""
+        if input_ is _MESSAGE:
+            envelope = frame.response_message
+            complete = st.inbound.envelope(envelope.size, envelope.data)
+            data = self._data(st, envelope.data, complete)
+            if st.response is RESPONSE_OPEN:
+                # The reference always sends headers before a message; a
+                # peer that does not gets empty headers implied rather
+                # than a failed call.
+                st.response = step.next
+                return [HeadersReceived(st.id, ()), data]
+            st.response = step.next
+            return [data]
+        if input_ is _MORE_DATA:
             complete = st.inbound.more(frame.more_response_data)
             return [self._data(st, frame.more_response_data, complete)]
-        if kind == "response_headers":
-            if st.headers_done:
-                raise StreamFault(Status.INTERNAL, "tunnel server sent response headers twice")
-            st.headers_done = True
-            return [HeadersReceived(st.id, self._decode(frame.response_headers))]
-        if kind == "close_stream":
-            return self._closed(st, frame)
-        if kind == "settings":
-            raise StreamFault(Status.INTERNAL, "tunnel server sent settings on a stream")
-        raise StreamFault(Status.INTERNAL, "tunnel server sent a frame with no content")
+        if input_ is _WINDOW_UPDATE:
+            return self._window_opened(st, frame.window_update)
+        if input_ is _HEADERS:
+            metadata = self._decode(frame.response_headers)
+            st.response = step.next
+            return [HeadersReceived(st.id, metadata)]
+        if input_ is _CLOSE_STREAM:
+            return self._close_received(st, frame)
+        raise AssertionError(f"the state table let {input_.name} through on the client")
 
-    def _headers_first(self, st: StreamState) -> list[Event]:
-        # The reference always sends headers before a message; a peer that
-        # does not gets empty headers implied rather than a failed call.
-        if st.headers_done:
-            return []
-        st.headers_done = True
-        return [HeadersReceived(st.id, ())]
+    def _peer_may_send(self, st: Stream[ClientToServer]) -> bool:
+        return st.response is not RESPONSE_OVER
 
-    def _first(self, st: StreamState, envelope: MessageData) -> DataReceived:
-        if st.inbound.messages_started and not st.cardinality.value.server_streaming:
-            raise StreamFault(
-                Status.INTERNAL, "tunnel server sent more than one response for a unary method"
-            )
-        complete = st.inbound.envelope(envelope.size, envelope.data)
-        return self._data(st, envelope.data, complete)
-
-    def _closed(self, st: StreamState, frame: ServerToClient) -> list[Event]:
+    def _close_received(self, st: Stream[ClientToServer], frame: ServerToClient) -> list[Event]:
         close = frame.close_stream
         status = close.status if close.HasField("status") and close.status.code else None
         try:
@@ -265,8 +316,9 @@ class TunnelClientProtocol(Connection[ClientToServer]):
                 message="tunnel server closed the stream in the middle of a message",
             )
         if status is not None:
-            self._failed(st)
-        self._finish(st, drop_pending=True)
+            self._count_failed(st)
+        st.queue.clear()  # requests not yet sent have no one to go to
+        self._end(st)
         return [StreamEnded(st.id, status, trailers)]
 
     def _decode(self, md: Metadata) -> MetadataPairs:
@@ -275,22 +327,12 @@ class TunnelClientProtocol(Connection[ClientToServer]):
         except MetadataError as exc:
             raise StreamFault(Status.INTERNAL, f"tunnel server sent bad metadata: {exc}") from None
 
-    def _fail(self, st: StreamState, status: Status, message: str) -> StreamEnded:
+    def _stream_fault(self, st: Stream[ClientToServer], reset: Reset) -> StreamEnded:
         """End a stream the server broke: tell the server, tell the caller.
 
-        Exactly like an application's cancel: if the ``new_stream`` frame
-        has not gone out yet, nothing goes out (a ``cancel`` for a stream
-        the server never saw would make it end the whole tunnel).
+        Exactly like an application's cancel (``_cancel``).
         """
-        self.cancel(st.id)
-        return StreamEnded(st.id, StatusProto(code=status.value, message=message), (), reset=True)
-
-
-def _unannounced(st: StreamState) -> bool:
-    """True while a stream's new_stream frame still waits in its queue.
-
-    new_stream is queued first and leaves first, so it is at the head of the
-    queue until the writer pulls it.
-    """
-    head = st.pending[0] if st.pending else None
-    return isinstance(head, ClientToServer) and head.HasField("new_stream")
+        self._cancel(st)
+        return StreamEnded(
+            st.id, StatusProto(code=reset.status.value, message=reset.message), (), reset=True
+        )

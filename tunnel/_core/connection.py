@@ -1,10 +1,24 @@
 """What the tunnel client and the tunnel server have in common.
 
-Both ends keep a table of active streams, cut outgoing messages into chunks
-under each stream's send window, check incoming chunks, and give window back
-as the application consumes data.  Only the frame types differ (the client
-sends ``ClientToServer``, the server ``ServerToClient``), so the subclasses
-supply the few frame constructors and the dispatch of incoming frames.
+Both ends keep a table of streams, queue each stream's outgoing frames in its
+own ``SendQueue``, check incoming chunks, give window back as the
+application consumes data, and move each stream through the states of
+``states.py``.  Only the frame types differ (the client sends
+``ClientToServer``, the server ``ServerToClient``), so the subclasses supply
+the few frame constructors and the handling of each input.
+
+Which stream a frame is for.  A frame whose id is in the stream table is an
+input of that stream, and its row in the state table decides.  Any other id
+is routed here (``_no_stream``): an id this end has already seen (created,
+refused, or over and forgotten) is late and ignored, because the peer may
+well have sent it before it saw the stream end; an id it has never seen
+ends the tunnel.
+
+A stream's life in the table.  A stream enters when it is created and
+counts as active (``active_streams``) until it is over.  An over stream
+stays in the table while its last frames (a ``close_stream`` waiting behind
+responses, a ``cancel``) are still queued, counted by ``backlog``, and
+leaves when its queue is empty.
 
 Outgoing frames are scheduled fairly: every stream has its own queue, and
 ``next_frame`` takes one frame from each stream with something to send in
@@ -13,22 +27,42 @@ one chunk per round.  Control frames that belong to no stream's ordering
 (settings, window updates, refusals) go first.  Frames are produced only when
 the writer asks for them, which is what keeps the round-robin honest: the
 writer pulls the next frame when the carrying stream can take it.
+
+When the peer breaks the tunnel's rules, ``receive_frame`` raises
+``RemoteProtocolError`` and the object is ``FAILED`` for good
+(``_fail_tunnel``; see ``states.py`` for what every later call does).
 """
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Generic, NoReturn, TypeVar
 
 from google.protobuf.message import Message as _ProtoMessage
 from grpclib.const import Cardinality
 
 from ..errors import LocalProtocolError, RemoteProtocolError
 from .events import DataReceived, Event
-from .flow import MAX_WINDOW, InboundMessages, OutboundMessage
+from .flow import MAX_WINDOW, InboundMessages, SendQueue
+from .states import (
+    REQUEST,
+    RESPONSE,
+    Fatal,
+    Go,
+    Ignore,
+    Input,
+    Misuse,
+    RequestState,
+    Reset,
+    ResponseState,
+    Rules,
+    TunnelFailedError,
+    TunnelState,
+    compile_rules,
+)
 
-__all__ = ["KEEPALIVE_METHOD", "Connection", "Counters", "StreamState"]
+__all__ = ["COALESCE_AT", "KEEPALIVE_METHOD", "Connection", "Counters", "Stream"]
 
 #: The method of a tunnel client's keepalive probe.  Nobody serves it: every
 #: conforming tunnel server answers a stream for it at once with
@@ -43,24 +77,49 @@ COALESCE_AT = 64
 
 OutFrame = TypeVar("OutFrame", bound=_ProtoMessage)
 
+# Enum members as module constants: attribute access on an enum class is slow.
+REQUEST_OPEN = RequestState.OPEN
+REQUEST_OVER = RequestState.OVER
+RESPONSE_IDLE = ResponseState.IDLE
+RESPONSE_OPEN = ResponseState.OPEN
+RESPONSE_OVER = ResponseState.OVER
+T_OPEN = TunnelState.OPEN
+T_FAILED = TunnelState.FAILED
+NEW_STREAM_SENT = Input.NEW_STREAM_SENT
 
-class StreamState:
+
+def _compile() -> dict[Cardinality, tuple[Rules[RequestState], Rules[ResponseState]]]:
+    request = {unary: compile_rules(REQUEST, RequestState, unary=unary) for unary in (False, True)}
+    response = {
+        unary: compile_rules(RESPONSE, ResponseState, unary=unary) for unary in (False, True)
+    }
+    return {
+        c: (request[not c.value.client_streaming], response[not c.value.server_streaming])
+        for c in Cardinality
+    }
+
+
+#: The compiled rules of both halves, by the stream's cardinality.
+RULES = _compile()
+#: The row of a stream that is over (or gone): the same for every cardinality.
+REQUEST_OVER_ROW = RULES[Cardinality.STREAM_STREAM][0][REQUEST_OVER]
+RESPONSE_OVER_ROW = RULES[Cardinality.STREAM_STREAM][1][RESPONSE_OVER]
+
+
+class Stream(Generic[OutFrame]):
     """Everything one end knows about one stream."""
 
     __slots__ = (
-        "buffered",
         "cardinality",
         "counted",
-        "finished",
-        "headers_done",
         "id",
         "inbound",
-        "pending",
-        "receiving",
+        "queue",
+        "request",
+        "request_rules",
+        "response",
+        "response_rules",
         "scheduled",
-        "send_window",
-        "sending",
-        "sent_messages",
     )
 
     def __init__(
@@ -68,30 +127,22 @@ class StreamState:
         stream_id: int,
         cardinality: Cardinality,
         *,
-        send_window: int | None,
+        response: ResponseState,
+        queue: SendQueue[OutFrame],
         inbound: InboundMessages,
     ) -> None:
         self.id = stream_id
         self.cardinality = cardinality
-        #: None under revision zero: no flow control.
-        self.send_window = send_window
+        #: The state of each half, and the rules of each for this cardinality.
+        self.request = REQUEST_OPEN
+        self.response = response
+        self.request_rules, self.response_rules = RULES[cardinality]
+        #: What this end sends on the stream, in order, and its send window.
+        self.queue = queue
+        #: What the peer sends: message sizes and the receive window.
         self.inbound = inbound
-        #: Frames (or messages still to be cut into frames) in send order.
-        self.pending: deque[object] = deque()
         #: True while the stream sits in the round-robin ring.
         self.scheduled = False
-        #: Client: response headers arrived.  Server: response headers queued.
-        self.headers_done = False
-        #: This end may still send messages.
-        self.sending = True
-        #: The peer may still send messages.
-        self.receiving = True
-        #: The stream is over; late frames for it are ignored.
-        self.finished = False
-        #: Messages this end has queued on the stream.
-        self.sent_messages = 0
-        #: Bytes of queued message data not yet cut into frames.
-        self.buffered = 0
         #: False for a keepalive probe, which the statistics leave out.
         self.counted = True
 
@@ -114,6 +165,9 @@ class Counters:
 class Connection(Generic[OutFrame]):
     """Stream table, fair scheduling of outgoing frames, and flow control."""
 
+    #: Who sends us frames, for messages.
+    _peer = "peer"
+
     def __init__(
         self,
         *,
@@ -125,29 +179,33 @@ class Connection(Generic[OutFrame]):
         self.max_metadata_size = max_metadata_size
         #: The window this end grants the peer on each stream (revision one).
         self.initial_window_size = initial_window_size
-        self._streams: dict[int, StreamState] = {}
+        #: The protocol object as a whole (``states.TunnelState``).
+        self.state = TunnelState.OPEN
+        #: Why the object is FAILED.
+        self._failure: RemoteProtocolError | None = None
+        self._streams: dict[int, Stream[OutFrame]] = {}
         self._control: deque[OutFrame] = deque()
         #: The window_update frame of each stream still waiting in
         #: ``_control``, for coalescing under a backlog (``acknowledge``).
         self._queued_updates: dict[int, OutFrame] = {}
-        self._ring: deque[StreamState] = deque()
+        self._ring: deque[Stream[OutFrame]] = deque()
         #: The highest stream id created so far (ids only ever grow).
         self._last_id = 0
-        #: Streams created and not finished (a concurrency limit counts these).
+        #: Streams created and not over (a concurrency limit counts these).
         self.active_streams = 0
-        #: Finished streams whose last frames are still queued.
+        #: Streams that are over and whose last frames are still queued.
         self._finishing = 0
         #: Counters for ``statistics`` (keepalive probes are not counted).
         self.counters = Counters()
         #: Keepalive probes among ``active_streams``.
         self._probes_active = 0
 
-    # -- frame constructors supplied by each side ------------------------
+    # -- frame constructors supplied by each side (``flow.Framer``) ------
 
-    def _first_chunk(self, stream_id: int, size: int, data: bytes) -> OutFrame:
+    def message_frame(self, stream_id: int, size: int, data: bytes) -> OutFrame:
         raise NotImplementedError
 
-    def _more_data(self, stream_id: int, data: bytes) -> OutFrame:
+    def more_data_frame(self, stream_id: int, data: bytes) -> OutFrame:
         raise NotImplementedError
 
     def _window_update(self, stream_id: int, n: int) -> OutFrame:
@@ -167,20 +225,24 @@ class Connection(Generic[OutFrame]):
         ring = self._ring
         while ring:
             st = ring.popleft()
-            frame = self._pop_frame(st)
+            queue = st.queue
+            frame = queue.pop(self, st.id)
             if frame is None:
                 # Its queue was emptied while it waited in the ring (a
                 # cancel before new_stream went out): if it is over, this
                 # was its last chance to leave the table.
                 st.scheduled = False
-                if st.finished and not st.pending:
+                if st.response is RESPONSE_OVER and not queue:
                     self._forget(st)
                 continue
-            if st.pending and self._can_send(st):
+            if st.response is RESPONSE_IDLE:
+                # The first frame of a client's stream is its new_stream.
+                self._announced(st)
+            if queue.ready():
                 ring.append(st)
             else:
                 st.scheduled = False
-                if st.finished and not st.pending:
+                if st.response is RESPONSE_OVER and not queue:
                     self._forget(st)
             return frame
         return None
@@ -194,10 +256,11 @@ class Connection(Generic[OutFrame]):
         """Frames waiting to leave that no sender is holding back.
 
         Control frames (refusals, window updates) and the last frames of
-        finished streams are queued by the peer's own actions, not by an
-        application that waits for its sends: when the peer stops reading,
-        they are what would pile up.  The driver stops reading while this
-        is high, so a peer cannot make us hold more than a bounded amount.
+        streams that are over are queued by the peer's own actions, not by
+        an application that waits for its sends: when the peer stops
+        reading, they are what would pile up.  The driver stops reading
+        while this is high, so a peer cannot make us hold more than a
+        bounded amount.
         """
         return len(self._control) + self._finishing
 
@@ -217,110 +280,47 @@ class Connection(Generic[OutFrame]):
         stream has more than a small budget of data queued.
         """
         st = self._streams.get(stream_id)
-        return 0 if st is None else st.buffered
+        return 0 if st is None else st.queue.buffered
 
-    def _pop_frame(self, st: StreamState) -> OutFrame | None:
-        if not st.pending:
-            return None
-        head = st.pending[0]
-        if not isinstance(head, OutboundMessage):
-            st.pending.popleft()
-            return head  # type: ignore[return-value]
-        remaining = head.remaining
-        if st.send_window is None:
-            limit = remaining
-        else:
-            limit = min(st.send_window, remaining)
-            if limit == 0 and remaining:
-                return None  # blocked until a window_update arrives
-        first = not head.started
-        chunk = head.take(limit)
-        st.buffered -= len(chunk)
-        if st.send_window is not None:
-            st.send_window -= len(chunk)
-        if not head.remaining:
-            st.pending.popleft()
-        if first:
-            return self._first_chunk(st.id, head.size, chunk)
-        return self._more_data(st.id, chunk)
+    def _announced(self, st: Stream[OutFrame]) -> None:
+        """A client's new_stream left: the server may now speak of the stream."""
+        step = st.response_rules[st.response][NEW_STREAM_SENT]
+        assert isinstance(step, Go)
+        st.response = step.next
 
-    @staticmethod
-    def _can_send(st: StreamState) -> bool:
-        if not st.pending:
-            return False
-        head = st.pending[0]
-        return not (
-            isinstance(head, OutboundMessage)
-            and head.remaining
-            and st.send_window is not None
-            and st.send_window <= 0
-        )
-
-    def _schedule(self, st: StreamState) -> None:
-        if not st.scheduled and self._can_send(st):
+    def _schedule(self, st: Stream[OutFrame]) -> None:
+        if not st.scheduled and st.queue.ready():
             st.scheduled = True
             self._ring.append(st)
 
-    def _queue(self, st: StreamState, frame: OutFrame) -> None:
-        st.pending.append(frame)
+    def _queue(self, st: Stream[OutFrame], frame: OutFrame) -> None:
+        st.queue.append(frame)
         self._schedule(st)
 
-    def _queue_message(self, st: StreamState, data: bytes) -> None:
-        st.pending.append(OutboundMessage(data))
-        st.buffered += len(data)
+    def _queue_message(self, st: Stream[OutFrame], data: bytes) -> None:
+        st.queue.append_message(data)
         counters = self.counters
         counters.messages_sent += 1
         counters.bytes_sent += len(data)
         self._schedule(st)
 
-    def _data(self, st: StreamState, data: bytes, complete: bool) -> DataReceived:
-        """The event for a chunk of message data that passed its checks."""
-        counters = self.counters
-        counters.bytes_received += len(data)
-        if complete:
-            counters.messages_received += 1
-        return DataReceived(st.id, data, complete)
-
-    def _failed(self, st: StreamState) -> None:
-        """Count a stream that ends with a status other than OK."""
-        if st.counted and not st.finished:
-            self.counters.streams_failed += 1
-
-    def _finish(self, st: StreamState, *, drop_pending: bool) -> None:
-        """Mark a stream over; it leaves the table once its queue is sent."""
-        if not st.finished:
-            self.active_streams -= 1
-            self._finishing += 1
-            if not st.counted:
-                self._probes_active -= 1
-        st.finished = True
-        st.sending = False
-        st.receiving = False
-        if drop_pending:
-            st.pending.clear()
-            st.buffered = 0
-        if not st.pending and not st.scheduled:
-            self._forget(st)
-
-    def _forget(self, st: StreamState) -> None:
-        if self._streams.get(st.id) is st:
-            del self._streams[st.id]
-            if st.finished:
-                self._finishing -= 1
+    # -- the stream table ------------------------------------------------
 
     def _add_stream(
         self,
         stream_id: int,
         cardinality: Cardinality,
         *,
+        response: ResponseState,
         send_window: int,
         flow_control: bool,
-    ) -> StreamState:
+    ) -> Stream[OutFrame]:
         """A new stream: windows under revision one, none under revision zero."""
-        st = StreamState(
+        st: Stream[OutFrame] = Stream(
             stream_id,
             cardinality,
-            send_window=send_window if flow_control else None,
+            response=response,
+            queue=SendQueue(send_window if flow_control else None),
             inbound=InboundMessages(
                 limit=self.max_receive_message_length,
                 window=self.initial_window_size if flow_control else None,
@@ -330,33 +330,74 @@ class Connection(Generic[OutFrame]):
         self.active_streams += 1
         return st
 
-    def is_open(self, stream_id: int) -> bool:
-        """True while a stream is neither finished nor unknown."""
-        st = self._streams.get(stream_id)
-        return st is not None and not st.finished
+    def _count_failed(self, st: Stream[OutFrame]) -> None:
+        """Count a stream that ends with a status other than OK."""
+        if st.counted:
+            self.counters.streams_failed += 1
 
-    def _active(self, stream_id: int) -> StreamState:
-        """The stream the application names, which must still be usable."""
+    def _end(self, st: Stream[OutFrame]) -> None:
+        """The stream is over; it leaves the table once its queue is sent."""
+        st.request = REQUEST_OVER
+        st.response = RESPONSE_OVER
+        self.active_streams -= 1
+        self._finishing += 1
+        if not st.counted:
+            self._probes_active -= 1
+        if not st.scheduled and not st.queue:
+            self._forget(st)
+
+    def _forget(self, st: Stream[OutFrame]) -> None:
+        if self._streams.get(st.id) is st:
+            del self._streams[st.id]
+            self._finishing -= 1
+
+    def is_open(self, stream_id: int) -> bool:
+        """True while a stream is neither over nor unknown."""
         st = self._streams.get(stream_id)
-        if st is None or st.finished:
-            raise LocalProtocolError(f"stream {stream_id} is not active")
-        return st
+        return st is not None and st.response is not RESPONSE_OVER
+
+    # -- the application's calls -----------------------------------------
+
+    def _gone(self, stream_id: int, input_: Input, over: tuple[object, ...]) -> None:
+        """A call names a stream that is not in the table.
+
+        It is over and gone, or never was: the row of a stream that is
+        over says what the call does.  After the tunnel failed, a call on
+        any stream it had does nothing: the stream ended with the tunnel.
+        """
+        if self.state is T_FAILED and stream_id <= self._last_id:
+            return
+        step = over[input_]
+        if isinstance(step, Misuse):
+            self._misuse(step, stream_id)
+
+    @staticmethod
+    def _misuse(step: object, stream_id: int) -> NoReturn:
+        """Raise for a call the table refuses."""
+        if isinstance(step, Misuse):
+            raise LocalProtocolError(step.message.format(stream_id=stream_id))
+        raise AssertionError(f"the state table has no call rule here: {step!r}")
 
     # -- receiving -------------------------------------------------------
+
+    def _peer_may_send(self, st: Stream[OutFrame]) -> bool:
+        """True while the peer may still send messages on the stream."""
+        raise NotImplementedError
 
     def acknowledge(self, stream_id: int, n: int) -> None:
         """The application consumed ``n`` bytes of this stream's data.
 
         Under revision one this gives the window back to the peer with a
         ``window_update``, unless the peer cannot send on the stream any
-        more (finished, or half-closed by the peer): then nothing is sent.
+        more (over, or half-closed by the peer): then nothing is sent.
         """
         st = self._streams.get(stream_id)
-        if st is None or st.finished or not st.receiving or n <= 0:
+        if st is None or n <= 0 or not self._peer_may_send(st):
             return
-        if st.inbound.window is None:
+        inbound = st.inbound
+        if inbound.window is None:
             return
-        st.inbound.grant(n)
+        inbound.grant(n)
         queued = self._queued_updates.get(stream_id)
         if queued is not None and len(self._control) > COALESCE_AT:
             # The peer is not reading: one update per stream, of the sum,
@@ -367,29 +408,90 @@ class Connection(Generic[OutFrame]):
         self._queued_updates[stream_id] = frame
         self._control.append(frame)
 
-    def _window_update_received(self, stream_id: int, n: int) -> list[Event]:
+    def _window_opened(self, st: Stream[OutFrame], n: int) -> list[Event]:
         """The peer consumed ``n`` bytes we sent on a stream.
 
-        A stream that is over but still has responses queued (its
-        ``close_stream`` waits behind them) needs its window most of all, so
-        window updates are honoured until the stream leaves the table.  For
-        any other unknown stream the update is late and ignored: it cannot
-        hurt, and the peer may well have sent it before seeing our close.
+        A stream that is over but still has frames queued (its
+        ``close_stream`` waits behind responses) needs its window most of
+        all, so the table honours window updates until it leaves.
         """
-        st = self._streams.get(stream_id)
-        if st is None or st.send_window is None:
-            if stream_id > self._last_id:
-                raise RemoteProtocolError(
-                    f"window_update for stream {stream_id}, which was never opened"
-                )
-            return []  # late, or revision zero: nothing to open
-        st.send_window = min(st.send_window + n, MAX_WINDOW)
-        self._schedule(st)
+        queue = st.queue
+        if queue.window is not None:
+            queue.grant(n)
+            self._schedule(st)
         return []
 
-    def _protocol_stream(self, stream_id: int) -> StreamState | None:
-        """The stream a peer's frame names, or None if the frame is late."""
-        st = self._streams.get(stream_id)
-        if st is None or st.finished:
-            return None
-        return st
+    def _no_stream(self, stream_id: int, kind: str | None) -> list[Event]:
+        """A frame for an id not in the stream table: late, or made up.
+
+        A ``window_update`` for any id up to the last one is late (a peer
+        may grant window on a stream it just saw end); other frames are
+        late only for an id that was really used.
+        """
+        if kind == "window_update":
+            if stream_id <= self._last_id:
+                return []
+            raise RemoteProtocolError(
+                f"window_update for stream {stream_id}, which was never opened"
+            )
+        if 0 < stream_id <= self._last_id:
+            return []
+        raise RemoteProtocolError(
+            f"{self._peer} sent a {kind or 'empty'} frame for stream {stream_id}, "
+            "which was never opened"
+        )
+
+    def _stream_fault(self, st: Stream[OutFrame], reset: Reset) -> Event:
+        """End a stream the peer broke (or cancelled), tunnel alive."""
+        raise NotImplementedError
+
+    def _refused(self, st: Stream[OutFrame], step: object, kind: str | None) -> list[Event]:
+        """What a frame the table does not let through does."""
+        if isinstance(step, Reset):
+            return [self._stream_fault(st, step)]
+        if isinstance(step, Ignore):
+            return []
+        if isinstance(step, Fatal):
+            raise RemoteProtocolError(step.message.format(kind=kind or "empty", stream_id=st.id))
+        raise AssertionError(f"the state table has no frame rule here: {step!r}")
+
+    def _data(self, st: Stream[OutFrame], data: bytes, complete: bool) -> DataReceived:
+        """The event for a chunk of message data that passed its checks."""
+        counters = self.counters
+        counters.bytes_received += len(data)
+        if complete:
+            counters.messages_received += 1
+        return DataReceived(st.id, data, complete)
+
+    # -- failure ---------------------------------------------------------
+
+    def _fail_tunnel(self, error: RemoteProtocolError) -> None:
+        """The peer broke the tunnel: every stream ends, nothing more is sent.
+
+        Each stream that was still running counts as failed (it will end
+        with UNAVAILABLE), and the object is FAILED for good.
+        """
+        if self.state is T_FAILED:
+            return
+        self.state = T_FAILED
+        self._failure = error
+        for st in self._streams.values():
+            if st.response is not RESPONSE_OVER:
+                self._count_failed(st)
+            st.request = REQUEST_OVER
+            st.response = RESPONSE_OVER
+        self._streams.clear()
+        self._ring.clear()
+        self._control.clear()
+        self._queued_updates.clear()
+        self.active_streams = self._finishing = self._probes_active = 0
+
+    def _failed_again(self) -> RemoteProtocolError:
+        """What a frame that arrives after the failure raises."""
+        error = RemoteProtocolError(f"the tunnel already failed: {self._failure}")
+        error.__cause__ = self._failure
+        return error
+
+    def _closed(self) -> TunnelFailedError:
+        """What a call that would start a stream after the failure raises."""
+        return TunnelFailedError(f"tunnel closed: {self._failure}")

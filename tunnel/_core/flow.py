@@ -4,19 +4,31 @@ Revision one of the protocol gives each direction of each stream a window
 (HTTP/2 style).  Only message *data* counts: the ``data`` bytes of
 ``request_message``/``response_message`` and the ``more_*_data`` chunks.
 
-Sending: a message is cut into chunks of at most ``MAX_CHUNK`` bytes and, under
-revision one, of at most the current send window.  The first chunk travels in
-an envelope that states the size of the whole message.
+Sending (``SendQueue``): each stream's outgoing frames wait in its own queue,
+in the order they must leave.  A message is queued whole and cut into chunks
+only as the writer pulls them: chunks of at most ``MAX_CHUNK`` bytes and,
+under revision one, of at most the current send window, so a message waits
+in the queue (not in frames) while the window is shut.  The first chunk
+travels in an envelope that states the size of the whole message.  The
+queue keeps the count of message bytes not yet cut into frames, which is
+what a sender waits on (back-pressure).
 
-Receiving: the arrival of each chunk is checked against the window and the
-message's stated size; a receiver gives window back (``window_update``) only
-when the application consumes a chunk, so a peer can never have more than one
-window of unconsumed data buffered per stream.  The claimed size of a message
-is checked against the receive limit when its envelope arrives, so nothing is
-ever allocated or buffered for a message that is too large.
+Receiving (``InboundMessages``): the arrival of each chunk is checked
+against the window and the message's stated size; a receiver gives window
+back (``window_update``) only when the application consumes a chunk, so a
+peer can never have more than one window of unconsumed data buffered per
+stream.  The claimed size of a message is checked against the receive limit
+when its envelope arrives, so nothing is ever allocated or buffered for a
+message that is too large.
+
+These checks are about bytes; whether a message may arrive at all in a
+stream's state is the state table's business (``states.py``).
 """
 
 from __future__ import annotations
+
+from collections import deque
+from typing import Generic, Protocol, TypeVar
 
 from grpclib.const import Status
 
@@ -24,10 +36,15 @@ __all__ = [
     "INITIAL_WINDOW_SIZE",
     "MAX_CHUNK",
     "MAX_WINDOW",
+    "Framer",
     "InboundMessages",
     "OutboundMessage",
+    "SendQueue",
     "StreamFault",
 ]
+
+F = TypeVar("F")
+F_co = TypeVar("F_co", covariant=True)
 
 #: The largest chunk of message data one frame carries.
 MAX_CHUNK = 16_384
@@ -50,28 +67,125 @@ class StreamFault(Exception):
 class OutboundMessage:
     """One message waiting to be cut into frames."""
 
-    __slots__ = ("_data", "_offset", "started")
+    __slots__ = ("_data", "_offset", "remaining", "size")
 
     def __init__(self, data: bytes) -> None:
         self._data = memoryview(data)
         self._offset = 0
-        self.started = False
-
-    @property
-    def size(self) -> int:
-        return len(self._data)
-
-    @property
-    def remaining(self) -> int:
-        return len(self._data) - self._offset
+        #: The size of the whole message, and the bytes not yet taken.
+        self.size = self.remaining = len(data)
 
     def take(self, limit: int) -> bytes:
         """The next chunk of at most ``limit`` bytes."""
         end = self._offset + min(limit, MAX_CHUNK)
         chunk = bytes(self._data[self._offset : end])
         self._offset += len(chunk)
-        self.started = True
+        self.remaining -= len(chunk)
         return chunk
+
+
+class Framer(Protocol[F_co]):
+    """What turns a chunk of a message into a frame (each end's frame type)."""
+
+    def message_frame(self, stream_id: int, size: int, data: bytes) -> F_co:
+        """The first chunk, in an envelope that states the whole size."""
+        ...
+
+    def more_data_frame(self, stream_id: int, data: bytes) -> F_co:
+        """A continuation chunk."""
+        ...
+
+
+class SendQueue(Generic[F]):
+    """One stream's outgoing frames in send order, and what holds them back.
+
+    Frames go in whole (``append``); messages go in with ``append_message``
+    and come out as chunks (``pop``), so the queue alone counts the message
+    bytes not yet framed (``buffered``).  ``window`` is the stream's send
+    window (None under revision zero: no flow control); only message data
+    uses it up, and a chunk never takes more than it allows.
+    """
+
+    __slots__ = ("_items", "buffered", "window")
+
+    def __init__(self, window: int | None) -> None:
+        self._items: deque[F | OutboundMessage] = deque()
+        self.buffered = 0
+        self.window = window
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def append(self, frame: F) -> None:
+        self._items.append(frame)
+
+    def append_message(self, data: bytes) -> None:
+        self._items.append(OutboundMessage(data))
+        self.buffered += len(data)
+
+    def first(self) -> F | OutboundMessage | None:
+        """The item that leaves next, if any."""
+        return self._items[0] if self._items else None
+
+    def ready(self) -> bool:
+        """True if ``pop`` would return a frame (not empty, window open)."""
+        items = self._items
+        if not items:
+            return False
+        head = items[0]
+        window = self.window
+        return (
+            not isinstance(head, OutboundMessage)
+            or window is None
+            or window > 0
+            or not head.remaining
+        )
+
+    def pop(self, framer: Framer[F], stream_id: int) -> F | None:
+        """The next frame to send, or None if empty or held back by the window."""
+        items = self._items
+        if not items:
+            return None
+        message = items[0]
+        if not isinstance(message, OutboundMessage):
+            items.popleft()
+            return message
+        remaining = message.remaining
+        window = self.window
+        if window is None:
+            limit = remaining
+        else:
+            limit = window if window < remaining else remaining
+            if limit == 0 and remaining:
+                return None  # blocked until a window_update arrives
+        first = remaining == message.size
+        chunk = message.take(limit)
+        taken = len(chunk)
+        self.buffered -= taken
+        if window is not None:
+            self.window = window - taken
+        if not message.remaining:
+            items.popleft()
+        if first:
+            return framer.message_frame(stream_id, message.size, chunk)
+        return framer.more_data_frame(stream_id, chunk)
+
+    def grant(self, n: int) -> None:
+        """The peer gave ``n`` bytes of window back (capped at ``MAX_WINDOW``)."""
+        if self.window is not None:
+            self.window = min(self.window + n, MAX_WINDOW)
+
+    def clear(self) -> None:
+        """Drop everything queued."""
+        self._items.clear()
+        self.buffered = 0
+
+    def drop_messages(self) -> None:
+        """Drop queued message data, keep the frames (a final status, say)."""
+        kept = [item for item in self._items if not isinstance(item, OutboundMessage)]
+        self._items.clear()
+        self._items.extend(kept)
+        self.buffered = 0
 
 
 class InboundMessages:
@@ -80,12 +194,11 @@ class InboundMessages:
     ``window`` is None under revision zero (no flow control).
     """
 
-    __slots__ = ("_limit", "_remaining", "messages_started", "window")
+    __slots__ = ("_limit", "_remaining", "window")
 
     def __init__(self, *, limit: int, window: int | None) -> None:
         self._limit = limit
         self._remaining = 0
-        self.messages_started = 0
         self.window = window
 
     @property
@@ -105,7 +218,6 @@ class InboundMessages:
                 f"received message larger than max ({size} vs. {self._limit})",
             )
         self._remaining = size
-        self.messages_started += 1
         return self._chunk(data)
 
     def more(self, data: bytes) -> bool:

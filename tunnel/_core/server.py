@@ -13,6 +13,12 @@ and the frames that follow it are ignored like any late frame.
 Every accepted stream ends with exactly one ``close_stream``.  If the
 application never sent response headers, empty ones go first, as the
 reference does; only refused streams get a ``close_stream`` alone.
+
+The server receives the request half and sends the response half of each
+stream (``states.py``).  When a stream ends early (the client cancelled it,
+or broke one of its rules), the server drops the responses still queued
+and sends the status at once; headers already queued stay (they are the
+stream's first frame, so they are at the head of its queue).
 """
 
 from __future__ import annotations
@@ -34,13 +40,34 @@ from .._pb.tunnel_pb2 import (
     ServerToClient,
     Settings,
 )
-from ..errors import LocalProtocolError, RemoteProtocolError
-from .connection import KEEPALIVE_METHOD, Connection, StreamState
+from ..errors import RemoteProtocolError
+from .connection import (
+    KEEPALIVE_METHOD,
+    RESPONSE_OPEN,
+    RESPONSE_OVER_ROW,
+    T_FAILED,
+    T_OPEN,
+    Connection,
+    Stream,
+)
 from .events import Event, HalfClosed, StreamOpened, StreamReset
-from .flow import INITIAL_WINDOW_SIZE, OutboundMessage, StreamFault
+from .flow import INITIAL_WINDOW_SIZE, StreamFault
 from .metadata import InvalidMetadata, MetadataError, decode_metadata, encode_metadata
+from .states import FRAME_INPUTS, Go, Input, RequestState, Reset, TunnelState
 
 __all__ = ["TunnelServerProtocol", "parse_method_name"]
+
+_SEND_HEADERS = Input.SEND_HEADERS
+_SEND_MESSAGE = Input.SEND_MESSAGE
+_CLOSE_STREAM = Input.CLOSE_STREAM
+_MESSAGE = Input.RECV_REQUEST_MESSAGE
+_MORE_DATA = Input.RECV_MORE_REQUEST_DATA
+_HALF_CLOSE = Input.RECV_HALF_CLOSE
+_CANCEL = Input.RECV_CANCEL
+_WINDOW_UPDATE = Input.RECV_WINDOW_UPDATE
+_REQUEST_OPEN = RequestState.OPEN
+_REQUEST_DONE = RequestState.DONE
+_SHUTTING_DOWN = TunnelState.SHUTTING_DOWN
 
 
 def parse_method_name(name: str) -> str | None:
@@ -66,6 +93,8 @@ class TunnelServerProtocol(Connection[ServerToClient]):
     first frame queued.
     """
 
+    _peer = "tunnel client"
+
     def __init__(
         self,
         methods: Mapping[str, Cardinality],
@@ -90,7 +119,6 @@ class TunnelServerProtocol(Connection[ServerToClient]):
         self._supported = (
             (REVISION_ZERO,) if disable_flow_control else (REVISION_ZERO, REVISION_ONE)
         )
-        self.shutting_down = False
         if peer_negotiates:
             settings = Settings(
                 supported_protocol_revisions=self._supported,
@@ -100,12 +128,12 @@ class TunnelServerProtocol(Connection[ServerToClient]):
 
     # -- frame constructors ---------------------------------------------
 
-    def _first_chunk(self, stream_id: int, size: int, data: bytes) -> ServerToClient:
+    def message_frame(self, stream_id: int, size: int, data: bytes) -> ServerToClient:
         return ServerToClient(
             stream_id=stream_id, response_message=MessageData(size=size, data=data)
         )
 
-    def _more_data(self, stream_id: int, data: bytes) -> ServerToClient:
+    def more_data_frame(self, stream_id: int, data: bytes) -> ServerToClient:
         return ServerToClient(stream_id=stream_id, more_response_data=data)
 
     def _window_update(self, stream_id: int, n: int) -> ServerToClient:
@@ -115,7 +143,8 @@ class TunnelServerProtocol(Connection[ServerToClient]):
 
     def initiate_shutdown(self) -> None:
         """Refuse new streams with UNAVAILABLE; running ones go on."""
-        self.shutting_down = True
+        if self.state is T_OPEN:
+            self.state = _SHUTTING_DOWN
 
     def send_headers(self, stream_id: int, metadata: Iterable[tuple[str, str | bytes]]) -> None:
         """Queue the response headers.
@@ -123,23 +152,29 @@ class TunnelServerProtocol(Connection[ServerToClient]):
         Raises ``MetadataError`` (nothing is queued) for metadata that cannot
         travel, and ``LocalProtocolError`` if headers were already sent.
         """
-        st = self._active(stream_id)
-        if st.headers_done:
-            raise LocalProtocolError("response headers were already sent")
+        st = self._streams.get(stream_id)
+        if st is None:
+            return self._gone(stream_id, _SEND_HEADERS, RESPONSE_OVER_ROW)
+        step = st.response_rules[st.response][_SEND_HEADERS]
+        if not isinstance(step, Go):
+            self._misuse(step, stream_id)
         frame = ServerToClient(stream_id=stream_id)
         frame.response_headers.SetInParent()
         encode_metadata(metadata, frame.response_headers, limit=self.max_metadata_size)
-        st.headers_done = True
+        st.response = step.next
         self._queue(st, frame)
 
     def send_message(self, stream_id: int, data: bytes) -> None:
         """Queue one serialized response message (headers go first)."""
-        st = self._active(stream_id)
-        if not st.cardinality.value.server_streaming and st.sent_messages:
-            raise LocalProtocolError("a unary response stream takes exactly one message")
-        if not st.headers_done:
-            self.send_headers(stream_id, ())
-        st.sent_messages += 1
+        st = self._streams.get(stream_id)
+        if st is None:
+            return self._gone(stream_id, _SEND_MESSAGE, RESPONSE_OVER_ROW)
+        step = st.response_rules[st.response][_SEND_MESSAGE]
+        if not isinstance(step, Go):
+            self._misuse(step, stream_id)
+        if st.response is RESPONSE_OPEN:
+            self._queue(st, _empty_headers(stream_id))
+        st.response = step.next
         self._queue_message(st, data)
 
     def close_stream(
@@ -154,17 +189,22 @@ class TunnelServerProtocol(Connection[ServerToClient]):
         for trailers that cannot travel; the caller then closes the stream
         again with an error status and no trailers.
         """
-        st = self._active(stream_id)
+        st = self._streams.get(stream_id)
+        if st is None:
+            return self._gone(stream_id, _CLOSE_STREAM, RESPONSE_OVER_ROW)
+        step = st.response_rules[st.response][_CLOSE_STREAM]
+        if not isinstance(step, Go):
+            self._misuse(step, stream_id)
         close = CloseStream()
         close.response_trailers.SetInParent()
         encode_metadata(trailers, close.response_trailers, limit=self.max_metadata_size)
         if status is not None and status.code:
             close.status.CopyFrom(status)
-            self._failed(st)
-        if not st.headers_done:
-            self.send_headers(stream_id, ())
+            self._count_failed(st)
+        if st.response is RESPONSE_OPEN:
+            self._queue(st, _empty_headers(stream_id))
         self._queue(st, ServerToClient(stream_id=stream_id, close_stream=close))
-        self._finish(st, drop_pending=False)
+        self._end(st)
 
     # -- the peer's side -------------------------------------------------
 
@@ -172,45 +212,43 @@ class TunnelServerProtocol(Connection[ServerToClient]):
         """Process one frame from the tunnel client.
 
         Raises ``RemoteProtocolError`` if the frame means the tunnel cannot go
-        on; faults of one stream close that stream and return a
-        ``StreamReset``.
+        on (and every later frame raises it too); faults of one stream close
+        that stream and return a ``StreamReset``.
         """
-        kind = frame.WhichOneof("frame")
-        stream_id = frame.stream_id
-        if kind == "new_stream":
-            if stream_id <= self._last_id:
-                raise RemoteProtocolError(
-                    f"tunnel client opened stream {stream_id}, which is not above "
-                    f"the last stream id {self._last_id}"
-                )
-            self._last_id = stream_id
-            return self._open(stream_id, frame.new_stream)
-        if kind == "window_update":
-            return self._window_update_received(stream_id, frame.window_update)
-        if kind == "cancel":
-            closing = self._streams.get(stream_id)
-            if closing is not None and closing.finished:
-                self._abandon(closing)
-                return []
-        st = self._protocol_stream(stream_id)
-        if st is None:
-            if 0 < stream_id <= self._last_id:
-                return []  # late frame for a finished or refused stream
-            raise RemoteProtocolError(
-                f"tunnel client sent a {kind or 'empty'} frame for stream {stream_id}, "
-                "which was never opened"
-            )
         try:
-            return self._dispatch(st, frame, kind)
-        except StreamFault as fault:
-            return [self._reset(st, fault.status, fault.message)]
+            if self.state is T_FAILED:
+                raise self._failed_again()
+            kind = frame.WhichOneof("frame")
+            stream_id = frame.stream_id
+            if kind == "new_stream":
+                if stream_id <= self._last_id:
+                    raise RemoteProtocolError(
+                        f"tunnel client opened stream {stream_id}, which is not above "
+                        f"the last stream id {self._last_id}"
+                    )
+                self._last_id = stream_id
+                return self._open(stream_id, frame.new_stream)
+            st = self._streams.get(stream_id)
+            if st is None:
+                return self._no_stream(stream_id, kind)
+            input_ = FRAME_INPUTS[kind]
+            step = st.request_rules[st.request][input_]
+            if not isinstance(step, Go):
+                return self._refused(st, step, kind)
+            try:
+                return self._dispatch(st, step, input_, frame)
+            except StreamFault as fault:
+                return [self._stream_fault(st, Reset(fault.status, fault.message))]
+        except RemoteProtocolError as error:
+            self._fail_tunnel(error)
+            raise
 
     def _open(self, stream_id: int, new_stream: NewStream) -> list[Event]:
         name = new_stream.method_name
         method = parse_method_name(name)
         cardinality = self._lookup(method) if method is not None else None
         try:
-            if self.shutting_down:
+            if self.state is _SHUTTING_DOWN:
                 raise StreamFault(Status.UNAVAILABLE, "server is shutting down")
             if new_stream.protocol_revision not in self._supported:
                 raise StreamFault(
@@ -243,6 +281,7 @@ class TunnelServerProtocol(Connection[ServerToClient]):
         self._add_stream(
             stream_id,
             cardinality,
+            response=RESPONSE_OPEN,
             send_window=new_stream.initial_window_size,
             flow_control=new_stream.protocol_revision == REVISION_ONE,
         )
@@ -285,41 +324,39 @@ class TunnelServerProtocol(Connection[ServerToClient]):
                 ) from None
         return metadata, timeout
 
-    def _dispatch(self, st: StreamState, frame: ClientToServer, kind: str | None) -> list[Event]:
-        if kind == "request_message":
-            self._expect_data(st)
-            if st.inbound.messages_started and not st.cardinality.value.client_streaming:
-                raise StreamFault(
-                    Status.INVALID_ARGUMENT,
-                    "more than one request message for a unary-request method",
-                )
+    def _dispatch(
+        self,
+        st: Stream[ServerToClient],
+        step: Go[RequestState],
+        input_: Input,
+        frame: ClientToServer,
+    ) -> list[Event]:
+        """A frame the table let through: check its bytes, then move on."""
+        if input_ is _MESSAGE:
             envelope = frame.request_message
             complete = st.inbound.envelope(envelope.size, envelope.data)
+            st.request = step.next
             return [self._data(st, envelope.data, complete)]
-        if kind == "more_request_data":
-            self._expect_data(st)
+        if input_ is _MORE_DATA:
             complete = st.inbound.more(frame.more_request_data)
             return [self._data(st, frame.more_request_data, complete)]
-        if kind == "half_close":
-            self._expect_data(st)
+        if input_ is _WINDOW_UPDATE:
+            return self._window_opened(st, frame.window_update)
+        if input_ is _HALF_CLOSE:
             if st.inbound.in_message:
                 raise StreamFault(Status.INTERNAL, "half-close in the middle of a message")
-            if not st.inbound.messages_started and not st.cardinality.value.client_streaming:
-                raise StreamFault(
-                    Status.INVALID_ARGUMENT, "no request message for a unary-request method"
-                )
-            st.receiving = False
+            st.request = step.next
             return [HalfClosed(st.id)]
-        if kind == "cancel":
-            return [self._reset(st, Status.CANCELLED, "stream cancelled by the tunnel client")]
-        raise StreamFault(Status.INTERNAL, "tunnel client sent a frame with no content")
+        if input_ is _CANCEL:  # the stream is over already
+            self._abandon(st)
+            return []
+        raise AssertionError(f"the state table let {input_.name} through on the server")
 
-    @staticmethod
-    def _expect_data(st: StreamState) -> None:
-        if not st.receiving:
-            raise StreamFault(Status.INTERNAL, "tunnel client sent on a half-closed stream")
+    def _peer_may_send(self, st: Stream[ServerToClient]) -> bool:
+        request = st.request
+        return request is _REQUEST_OPEN or request is _REQUEST_DONE
 
-    def _abandon(self, st: StreamState) -> None:
+    def _abandon(self, st: Stream[ServerToClient]) -> None:
         """The client cancelled a stream whose ``close_stream`` is queued.
 
         The application is done with it, but responses may still wait for
@@ -327,15 +364,12 @@ class TunnelServerProtocol(Connection[ServerToClient]):
         does not hold its data (and its table entry) for the tunnel's life.
         The queued ``close_stream`` still goes out; the client ignores it.
         """
-        kept = [item for item in st.pending if not isinstance(item, OutboundMessage)]
-        st.pending.clear()
-        st.buffered = 0
-        st.pending.extend(kept)
+        st.queue.drop_messages()
         self._schedule(st)
-        if not st.pending and not st.scheduled:
+        if not st.queue and not st.scheduled:
             self._forget(st)
 
-    def _reset(self, st: StreamState, status: Status, message: str) -> StreamReset:
+    def _stream_fault(self, st: Stream[ServerToClient], reset: Reset) -> StreamReset:
         """End a stream now: unsent responses are dropped, the status goes out.
 
         Response headers are not dropped: an accepted stream always gets
@@ -343,25 +377,25 @@ class TunnelServerProtocol(Connection[ServerToClient]):
         sent none, as the reference does on a cancel); only streams refused
         at creation get a ``close_stream`` alone.
         """
-        headers = [item for item in st.pending if _is_headers(item)]
-        st.pending.clear()
-        st.buffered = 0
-        st.pending.extend(headers[:1])
-        if not st.headers_done:
-            empty = ServerToClient(stream_id=st.id)
-            empty.response_headers.SetInParent()
-            st.pending.append(empty)
-            st.headers_done = True
+        queue = st.queue
+        head = queue.first()
+        queue.clear()
+        if st.response is RESPONSE_OPEN:
+            queue.append(_empty_headers(st.id))
+        elif isinstance(head, ServerToClient) and head.HasField("response_headers"):
+            queue.append(head)  # queued, not yet sent
         close = ServerToClient(stream_id=st.id)
         close.close_stream.response_trailers.SetInParent()
-        close.close_stream.status.code = status.value
-        close.close_stream.status.message = message
-        st.pending.append(close)
+        close.close_stream.status.code = reset.status.value
+        close.close_stream.status.message = reset.message
+        queue.append(close)
         self._schedule(st)
-        self._failed(st)
-        self._finish(st, drop_pending=False)
-        return StreamReset(st.id, status.value, message)
+        self._count_failed(st)
+        self._end(st)
+        return StreamReset(st.id, reset.status.value, reset.message)
 
 
-def _is_headers(item: object) -> bool:
-    return isinstance(item, ServerToClient) and item.HasField("response_headers")
+def _empty_headers(stream_id: int) -> ServerToClient:
+    frame = ServerToClient(stream_id=stream_id)
+    frame.response_headers.SetInParent()
+    return frame
