@@ -44,7 +44,6 @@ from .._pb.tunnel_pb2 import (
 from ..errors import LocalProtocolError, NegotiationError, RemoteProtocolError
 from .connection import (
     KEEPALIVE_METHOD,
-    REQUEST_OVER_ROW,
     RESPONSE_IDLE,
     RESPONSE_OPEN,
     RESPONSE_OVER,
@@ -56,7 +55,7 @@ from .connection import (
 from .events import Event, HeadersReceived, Negotiated, StreamEnded
 from .flow import INITIAL_WINDOW_SIZE, StreamFault
 from .metadata import MetadataError, MetadataPairs, decode_metadata, encode_metadata
-from .states import FRAME_INPUTS, Go, Input, Reset, ResponseState, TunnelState
+from .states import Go, Input, Reset, ResponseState, TunnelState
 
 __all__ = ["TunnelClientProtocol"]
 
@@ -172,31 +171,25 @@ class TunnelClientProtocol(Connection[ClientToServer]):
 
     def send_message(self, stream_id: int, data: bytes) -> None:
         """Queue one serialized request message."""
-        st = self._streams.get(stream_id)
-        if st is None:
-            return self._gone(stream_id, _SEND_MESSAGE, REQUEST_OVER_ROW)
-        step = st.request_rules[st.request][_SEND_MESSAGE]
-        if not isinstance(step, Go):
-            self._misuse(step, stream_id)
-        st.request = step.next
-        self._queue_message(st, data)
+        allowed = self._call(stream_id, _SEND_MESSAGE, response=False)
+        if allowed is not None:
+            st, step = allowed
+            st.request = step.next
+            self._queue_message(st, data)
 
     def half_close(self, stream_id: int) -> None:
         """No more requests on this stream."""
-        st = self._streams.get(stream_id)
-        if st is None:
-            return self._gone(stream_id, _HALF_CLOSE, REQUEST_OVER_ROW)
-        step = st.request_rules[st.request][_HALF_CLOSE]
-        if not isinstance(step, Go):
-            self._misuse(step, stream_id)
-        st.request = step.next
-        self._queue(st, ClientToServer(stream_id=stream_id, half_close=_EMPTY))
+        allowed = self._call(stream_id, _HALF_CLOSE, response=False)
+        if allowed is not None:
+            st, step = allowed
+            st.request = step.next
+            self._queue(st, ClientToServer(stream_id=stream_id, half_close=_EMPTY))
 
     def cancel(self, stream_id: int) -> None:
         """Abort a stream.  Unsent data is dropped; a no-op on a stream that is over."""
-        st = self._streams.get(stream_id)
-        if st is not None and isinstance(st.request_rules[st.request][_CANCEL], Go):
-            self._cancel(st)
+        allowed = self._call(stream_id, _CANCEL, response=False)
+        if allowed is not None:
+            self._cancel(allowed[0])
 
     def _cancel(self, st: Stream[ClientToServer]) -> None:
         """End a running stream from this side.
@@ -232,14 +225,7 @@ class TunnelClientProtocol(Connection[ClientToServer]):
                 if kind == "settings" and stream_id == -1:
                     return []  # settings again: nothing to do
                 return self._no_stream(stream_id, kind)
-            input_ = FRAME_INPUTS[kind]
-            step = st.response_rules[st.response][input_]
-            if not isinstance(step, Go):
-                return self._refused(st, step, kind)
-            try:
-                return self._dispatch(st, step, input_, frame)
-            except StreamFault as fault:
-                return [self._stream_fault(st, Reset(fault.status, fault.message))]
+            return self._stream_frame(st, st.response_rules[st.response], kind, frame)
         except RemoteProtocolError as error:
             self._fail_tunnel(error)
             raise

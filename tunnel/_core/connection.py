@@ -37,15 +37,16 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import Generic, NoReturn, TypeVar
+from typing import Any, Generic, TypeVar
 
 from google.protobuf.message import Message as _ProtoMessage
 from grpclib.const import Cardinality
 
 from ..errors import LocalProtocolError, RemoteProtocolError
 from .events import DataReceived, Event
-from .flow import MAX_WINDOW, InboundMessages, SendQueue
+from .flow import MAX_WINDOW, InboundMessages, SendQueue, StreamFault
 from .states import (
+    FRAME_INPUTS,
     REQUEST,
     RESPONSE,
     Fatal,
@@ -358,24 +359,36 @@ class Connection(Generic[OutFrame]):
 
     # -- the application's calls -----------------------------------------
 
-    def _gone(self, stream_id: int, input_: Input, over: tuple[object, ...]) -> None:
-        """A call names a stream that is not in the table.
+    def _call(
+        self, stream_id: int, input_: Input, *, response: bool
+    ) -> tuple[Stream[OutFrame], Go[Any]] | None:
+        """The stream an application call names, and the row that lets it go.
 
-        It is over and gone, or never was: the row of a stream that is
-        over says what the call does.  After the tunnel failed, a call on
-        any stream it had does nothing: the stream ended with the tunnel.
+        ``response`` says which half the call is an input of (the half this
+        end sends).  Raises ``LocalProtocolError`` where the row refuses the
+        call; returns None where the call does nothing (the row ignores it,
+        or the stream ended with the tunnel).  The caller moves the state
+        once the call's own checks passed.
         """
-        if self.state is T_FAILED and stream_id <= self._last_id:
-            return
-        step = over[input_]
-        if isinstance(step, Misuse):
-            self._misuse(step, stream_id)
-
-    @staticmethod
-    def _misuse(step: object, stream_id: int) -> NoReturn:
-        """Raise for a call the table refuses."""
+        st = self._streams.get(stream_id)
+        if st is None:
+            # Over and gone, or never created: the row of a stream that is
+            # over decides.  After the tunnel failed, a call on any stream
+            # it had does nothing: the stream ended with the tunnel.
+            if self.state is T_FAILED and stream_id <= self._last_id:
+                return None
+            step: object = (RESPONSE_OVER_ROW if response else REQUEST_OVER_ROW)[input_]
+        elif response:
+            step = st.response_rules[st.response][input_]
+        else:
+            step = st.request_rules[st.request][input_]
+        if isinstance(step, Go):
+            assert st is not None
+            return st, step
         if isinstance(step, Misuse):
             raise LocalProtocolError(step.message.format(stream_id=stream_id))
+        if isinstance(step, Ignore):
+            return None
         raise AssertionError(f"the state table has no call rule here: {step!r}")
 
     # -- receiving -------------------------------------------------------
@@ -441,12 +454,20 @@ class Connection(Generic[OutFrame]):
             "which was never opened"
         )
 
-    def _stream_fault(self, st: Stream[OutFrame], reset: Reset) -> Event:
-        """End a stream the peer broke (or cancelled), tunnel alive."""
-        raise NotImplementedError
+    def _stream_frame(
+        self, st: Stream[OutFrame], row: tuple[object, ...], kind: str | None, frame: Any
+    ) -> list[Event]:
+        """A frame for a stream in the table: its row decides, then its bytes.
 
-    def _refused(self, st: Stream[OutFrame], step: object, kind: str | None) -> list[Event]:
-        """What a frame the table does not let through does."""
+        ``row`` is the rules of the half the peer sends, in its state.
+        """
+        input_ = FRAME_INPUTS[kind]
+        step = row[input_]
+        if isinstance(step, Go):
+            try:
+                return self._dispatch(st, step, input_, frame)
+            except StreamFault as fault:
+                return [self._stream_fault(st, Reset(fault.status, fault.message))]
         if isinstance(step, Reset):
             return [self._stream_fault(st, step)]
         if isinstance(step, Ignore):
@@ -454,6 +475,16 @@ class Connection(Generic[OutFrame]):
         if isinstance(step, Fatal):
             raise RemoteProtocolError(step.message.format(kind=kind or "empty", stream_id=st.id))
         raise AssertionError(f"the state table has no frame rule here: {step!r}")
+
+    def _dispatch(
+        self, st: Stream[OutFrame], step: Go[Any], input_: Input, frame: Any
+    ) -> list[Event]:
+        """A frame the table let through: check its bytes, then move on."""
+        raise NotImplementedError
+
+    def _stream_fault(self, st: Stream[OutFrame], reset: Reset) -> Event:
+        """End a stream the peer broke (or cancelled), tunnel alive."""
+        raise NotImplementedError
 
     def _data(self, st: Stream[OutFrame], data: bytes, complete: bool) -> DataReceived:
         """The event for a chunk of message data that passed its checks."""

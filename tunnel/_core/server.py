@@ -44,7 +44,6 @@ from ..errors import RemoteProtocolError
 from .connection import (
     KEEPALIVE_METHOD,
     RESPONSE_OPEN,
-    RESPONSE_OVER_ROW,
     T_FAILED,
     T_OPEN,
     Connection,
@@ -53,7 +52,7 @@ from .connection import (
 from .events import Event, HalfClosed, StreamOpened, StreamReset
 from .flow import INITIAL_WINDOW_SIZE, StreamFault
 from .metadata import InvalidMetadata, MetadataError, decode_metadata, encode_metadata
-from .states import FRAME_INPUTS, Go, Input, RequestState, Reset, TunnelState
+from .states import Go, Input, RequestState, Reset, TunnelState
 
 __all__ = ["TunnelServerProtocol", "parse_method_name"]
 
@@ -152,12 +151,10 @@ class TunnelServerProtocol(Connection[ServerToClient]):
         Raises ``MetadataError`` (nothing is queued) for metadata that cannot
         travel, and ``LocalProtocolError`` if headers were already sent.
         """
-        st = self._streams.get(stream_id)
-        if st is None:
-            return self._gone(stream_id, _SEND_HEADERS, RESPONSE_OVER_ROW)
-        step = st.response_rules[st.response][_SEND_HEADERS]
-        if not isinstance(step, Go):
-            self._misuse(step, stream_id)
+        allowed = self._call(stream_id, _SEND_HEADERS, response=True)
+        if allowed is None:
+            return
+        st, step = allowed
         frame = ServerToClient(stream_id=stream_id)
         frame.response_headers.SetInParent()
         encode_metadata(metadata, frame.response_headers, limit=self.max_metadata_size)
@@ -166,12 +163,10 @@ class TunnelServerProtocol(Connection[ServerToClient]):
 
     def send_message(self, stream_id: int, data: bytes) -> None:
         """Queue one serialized response message (headers go first)."""
-        st = self._streams.get(stream_id)
-        if st is None:
-            return self._gone(stream_id, _SEND_MESSAGE, RESPONSE_OVER_ROW)
-        step = st.response_rules[st.response][_SEND_MESSAGE]
-        if not isinstance(step, Go):
-            self._misuse(step, stream_id)
+        allowed = self._call(stream_id, _SEND_MESSAGE, response=True)
+        if allowed is None:
+            return
+        st, step = allowed
         if st.response is RESPONSE_OPEN:
             self._queue(st, _empty_headers(stream_id))
         st.response = step.next
@@ -189,12 +184,10 @@ class TunnelServerProtocol(Connection[ServerToClient]):
         for trailers that cannot travel; the caller then closes the stream
         again with an error status and no trailers.
         """
-        st = self._streams.get(stream_id)
-        if st is None:
-            return self._gone(stream_id, _CLOSE_STREAM, RESPONSE_OVER_ROW)
-        step = st.response_rules[st.response][_CLOSE_STREAM]
-        if not isinstance(step, Go):
-            self._misuse(step, stream_id)
+        allowed = self._call(stream_id, _CLOSE_STREAM, response=True)
+        if allowed is None:
+            return
+        st, _ = allowed
         close = CloseStream()
         close.response_trailers.SetInParent()
         encode_metadata(trailers, close.response_trailers, limit=self.max_metadata_size)
@@ -231,14 +224,7 @@ class TunnelServerProtocol(Connection[ServerToClient]):
             st = self._streams.get(stream_id)
             if st is None:
                 return self._no_stream(stream_id, kind)
-            input_ = FRAME_INPUTS[kind]
-            step = st.request_rules[st.request][input_]
-            if not isinstance(step, Go):
-                return self._refused(st, step, kind)
-            try:
-                return self._dispatch(st, step, input_, frame)
-            except StreamFault as fault:
-                return [self._stream_fault(st, Reset(fault.status, fault.message))]
+            return self._stream_frame(st, st.request_rules[st.request], kind, frame)
         except RemoteProtocolError as error:
             self._fail_tunnel(error)
             raise
