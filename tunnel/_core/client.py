@@ -26,6 +26,7 @@ never saw).
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from google.protobuf.empty_pb2 import Empty
 from google.rpc.status_pb2 import Status as StatusProto
@@ -41,12 +42,11 @@ from .._pb.tunnel_pb2 import (
     NewStream,
     ServerToClient,
 )
-from ..errors import LocalProtocolError, NegotiationError, RemoteProtocolError
+from ..errors import LocalProtocolError, NegotiationError
 from .connection import (
     KEEPALIVE_METHOD,
     RESPONSE_IDLE,
     RESPONSE_OPEN,
-    RESPONSE_OVER,
     T_FAILED,
     T_OPEN,
     Connection,
@@ -79,6 +79,7 @@ class TunnelClientProtocol(Connection[ClientToServer]):
     """
 
     _peer = "tunnel server"
+    _peer_sends_response = True
 
     def __init__(
         self,
@@ -208,32 +209,21 @@ class TunnelClientProtocol(Connection[ClientToServer]):
 
     # -- the peer's side -------------------------------------------------
 
-    def receive_frame(self, frame: ServerToClient) -> list[Event]:
-        """Process one frame from the tunnel server.
+    if TYPE_CHECKING:
 
-        Raises ``RemoteProtocolError`` if the frame means the tunnel cannot go
-        on (and every later frame raises it too); faults of one stream end
-        that stream with a ``StreamEnded``.
-        """
-        try:
-            if self.state is not T_OPEN:
-                return self._before_open(frame)
-            stream_id = frame.stream_id
-            kind = frame.WhichOneof("frame")
-            st = self._streams.get(stream_id)
-            if st is None:
-                if kind == "settings" and stream_id == -1:
-                    return []  # settings again: nothing to do
-                return self._no_stream(stream_id, kind)
-            return self._stream_frame(st, st.response_rules[st.response], kind, frame)
-        except RemoteProtocolError as error:
-            self._fail_tunnel(error)
-            raise
+        def receive_frame(self, frame: ServerToClient) -> list[Event]:
+            """Process one frame from the tunnel server (``Connection.receive_frame``)."""
+            ...
 
-    def _before_open(self, frame: ServerToClient) -> list[Event]:
+    def _not_open(self, frame: ServerToClient) -> list[Event] | None:
         if self.state is T_FAILED:
             raise self._failed_again()
         return [self._negotiate(frame, frame.WhichOneof("frame"))]
+
+    def _no_stream(self, stream_id: int, kind: str | None, frame: ServerToClient) -> list[Event]:
+        if kind == "settings" and stream_id == -1:
+            return []  # settings again: nothing to do
+        return super()._no_stream(stream_id, kind, frame)
 
     def _negotiate(self, frame: ServerToClient, kind: str | None) -> Event:
         if kind != "settings" or frame.stream_id != -1:
@@ -285,9 +275,6 @@ class TunnelClientProtocol(Connection[ClientToServer]):
         if input_ is _CLOSE_STREAM:
             return self._close_received(st, frame)
         raise AssertionError(f"the state table let {input_.name} through on the client")
-
-    def _peer_may_send(self, st: Stream[ClientToServer]) -> bool:
-        return st.response is not RESPONSE_OVER
 
     def _close_received(self, st: Stream[ClientToServer], frame: ServerToClient) -> list[Event]:
         close = frame.close_stream

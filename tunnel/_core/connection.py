@@ -80,6 +80,7 @@ OutFrame = TypeVar("OutFrame", bound=_ProtoMessage)
 
 # Enum members as module constants: attribute access on an enum class is slow.
 REQUEST_OPEN = RequestState.OPEN
+REQUEST_DONE = RequestState.DONE
 REQUEST_OVER = RequestState.OVER
 RESPONSE_IDLE = ResponseState.IDLE
 RESPONSE_OPEN = ResponseState.OPEN
@@ -127,7 +128,6 @@ class Stream(Generic[OutFrame]):
         self,
         stream_id: int,
         cardinality: Cardinality,
-        *,
         response: ResponseState,
         queue: SendQueue[OutFrame],
         inbound: InboundMessages,
@@ -168,6 +168,9 @@ class Connection(Generic[OutFrame]):
 
     #: Who sends us frames, for messages.
     _peer = "peer"
+    #: True on the tunnel client: the peer's frames are inputs of the
+    #: response half (on the server, of the request half).
+    _peer_sends_response = False
 
     def __init__(
         self,
@@ -317,14 +320,15 @@ class Connection(Generic[OutFrame]):
         flow_control: bool,
     ) -> Stream[OutFrame]:
         """A new stream: windows under revision one, none under revision zero."""
+        # Positional arguments: a class called with keywords costs much more.
         st: Stream[OutFrame] = Stream(
             stream_id,
             cardinality,
-            response=response,
-            queue=SendQueue(send_window if flow_control else None),
-            inbound=InboundMessages(
-                limit=self.max_receive_message_length,
-                window=self.initial_window_size if flow_control else None,
+            response,
+            SendQueue(send_window if flow_control else None),
+            InboundMessages(
+                self.max_receive_message_length,
+                self.initial_window_size if flow_control else None,
             ),
         )
         self._streams[stream_id] = st
@@ -393,10 +397,6 @@ class Connection(Generic[OutFrame]):
 
     # -- receiving -------------------------------------------------------
 
-    def _peer_may_send(self, st: Stream[OutFrame]) -> bool:
-        """True while the peer may still send messages on the stream."""
-        raise NotImplementedError
-
     def acknowledge(self, stream_id: int, n: int) -> None:
         """The application consumed ``n`` bytes of this stream's data.
 
@@ -405,8 +405,13 @@ class Connection(Generic[OutFrame]):
         more (over, or half-closed by the peer): then nothing is sent.
         """
         st = self._streams.get(stream_id)
-        if st is None or n <= 0 or not self._peer_may_send(st):
+        if st is None or n <= 0:
             return
+        if self._peer_sends_response:
+            if st.response is RESPONSE_OVER:
+                return
+        elif st.request is not REQUEST_OPEN and st.request is not REQUEST_DONE:
+            return  # half-closed by the peer, or over
         inbound = st.inbound
         if inbound.window is None:
             return
@@ -434,7 +439,7 @@ class Connection(Generic[OutFrame]):
             self._schedule(st)
         return []
 
-    def _no_stream(self, stream_id: int, kind: str | None) -> list[Event]:
+    def _no_stream(self, stream_id: int, kind: str | None, frame: Any) -> list[Event]:
         """A frame for an id not in the stream table: late, or made up.
 
         A ``window_update`` for any id up to the last one is late (a peer
@@ -454,20 +459,49 @@ class Connection(Generic[OutFrame]):
             "which was never opened"
         )
 
-    def _stream_frame(
-        self, st: Stream[OutFrame], row: tuple[object, ...], kind: str | None, frame: Any
-    ) -> list[Event]:
-        """A frame for a stream in the table: its row decides, then its bytes.
+    def receive_frame(self, frame: Any) -> list[Event]:
+        """Process one frame from the peer.
 
-        ``row`` is the rules of the half the peer sends, in its state.
+        Raises ``RemoteProtocolError`` if the frame means the tunnel cannot
+        go on (and every later frame raises it again); a fault of one stream
+        ends that stream (``StreamEnded`` on the client, ``StreamReset`` on
+        the server) and the tunnel lives on.
         """
-        input_ = FRAME_INPUTS[kind]
-        step = row[input_]
-        if isinstance(step, Go):
-            try:
-                return self._dispatch(st, step, input_, frame)
-            except StreamFault as fault:
-                return [self._stream_fault(st, Reset(fault.status, fault.message))]
+        try:
+            if self.state is not T_OPEN:
+                events = self._not_open(frame)
+                if events is not None:
+                    return events
+            kind = frame.WhichOneof("frame")
+            stream_id = frame.stream_id
+            st = self._streams.get(stream_id)
+            if st is None or kind == "new_stream":
+                return self._no_stream(stream_id, kind, frame)
+            # The row of the half the peer sends decides, then the bytes.
+            input_ = FRAME_INPUTS[kind]
+            step: object
+            if self._peer_sends_response:
+                step = st.response_rules[st.response][input_]
+            else:
+                step = st.request_rules[st.request][input_]
+            if isinstance(step, Go):
+                try:
+                    return self._dispatch(st, step, input_, frame)
+                except StreamFault as fault:
+                    return [self._stream_fault(st, Reset(fault.status, fault.message))]
+            return self._refused(st, step, kind)
+        except RemoteProtocolError as error:
+            self._fail_tunnel(error)
+            raise
+
+    def _not_open(self, frame: Any) -> list[Event] | None:
+        """A frame while the object is not OPEN; None: handle it as usual."""
+        if self.state is T_FAILED:
+            raise self._failed_again()
+        return None
+
+    def _refused(self, st: Stream[OutFrame], step: object, kind: str | None) -> list[Event]:
+        """What a frame the table does not let through does."""
         if isinstance(step, Reset):
             return [self._stream_fault(st, step)]
         if isinstance(step, Ignore):

@@ -196,7 +196,7 @@ class InboundMessages:
 
     __slots__ = ("_limit", "_remaining", "window")
 
-    def __init__(self, *, limit: int, window: int | None) -> None:
+    def __init__(self, limit: int, window: int | None) -> None:
         self._limit = limit
         self._remaining = 0
         self.window = window

@@ -24,6 +24,7 @@ stream's first frame, so they are at the head of its queue).
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
 
 from google.rpc.status_pb2 import Status as StatusProto
 from grpclib.const import Cardinality, Status
@@ -44,7 +45,6 @@ from ..errors import RemoteProtocolError
 from .connection import (
     KEEPALIVE_METHOD,
     RESPONSE_OPEN,
-    T_FAILED,
     T_OPEN,
     Connection,
     Stream,
@@ -64,8 +64,6 @@ _MORE_DATA = Input.RECV_MORE_REQUEST_DATA
 _HALF_CLOSE = Input.RECV_HALF_CLOSE
 _CANCEL = Input.RECV_CANCEL
 _WINDOW_UPDATE = Input.RECV_WINDOW_UPDATE
-_REQUEST_OPEN = RequestState.OPEN
-_REQUEST_DONE = RequestState.DONE
 _SHUTTING_DOWN = TunnelState.SHUTTING_DOWN
 
 
@@ -201,33 +199,22 @@ class TunnelServerProtocol(Connection[ServerToClient]):
 
     # -- the peer's side -------------------------------------------------
 
-    def receive_frame(self, frame: ClientToServer) -> list[Event]:
-        """Process one frame from the tunnel client.
+    if TYPE_CHECKING:
 
-        Raises ``RemoteProtocolError`` if the frame means the tunnel cannot go
-        on (and every later frame raises it too); faults of one stream close
-        that stream and return a ``StreamReset``.
-        """
-        try:
-            if self.state is T_FAILED:
-                raise self._failed_again()
-            kind = frame.WhichOneof("frame")
-            stream_id = frame.stream_id
-            if kind == "new_stream":
-                if stream_id <= self._last_id:
-                    raise RemoteProtocolError(
-                        f"tunnel client opened stream {stream_id}, which is not above "
-                        f"the last stream id {self._last_id}"
-                    )
-                self._last_id = stream_id
-                return self._open(stream_id, frame.new_stream)
-            st = self._streams.get(stream_id)
-            if st is None:
-                return self._no_stream(stream_id, kind)
-            return self._stream_frame(st, st.request_rules[st.request], kind, frame)
-        except RemoteProtocolError as error:
-            self._fail_tunnel(error)
-            raise
+        def receive_frame(self, frame: ClientToServer) -> list[Event]:
+            """Process one frame from the tunnel client (``Connection.receive_frame``)."""
+            ...
+
+    def _no_stream(self, stream_id: int, kind: str | None, frame: ClientToServer) -> list[Event]:
+        if kind != "new_stream":
+            return super()._no_stream(stream_id, kind, frame)
+        if stream_id <= self._last_id:
+            raise RemoteProtocolError(
+                f"tunnel client opened stream {stream_id}, which is not above "
+                f"the last stream id {self._last_id}"
+            )
+        self._last_id = stream_id
+        return self._open(stream_id, frame.new_stream)
 
     def _open(self, stream_id: int, new_stream: NewStream) -> list[Event]:
         name = new_stream.method_name
@@ -337,10 +324,6 @@ class TunnelServerProtocol(Connection[ServerToClient]):
             self._abandon(st)
             return []
         raise AssertionError(f"the state table let {input_.name} through on the server")
-
-    def _peer_may_send(self, st: Stream[ServerToClient]) -> bool:
-        request = st.request
-        return request is _REQUEST_OPEN or request is _REQUEST_DONE
 
     def _abandon(self, st: Stream[ServerToClient]) -> None:
         """The client cancelled a stream whose ``close_stream`` is queued.
