@@ -17,6 +17,7 @@ from tests.core.helpers import BIDI, METHODS, Pair, wire
 from tunnel._core import TunnelClientProtocol, TunnelServerProtocol
 from tunnel._core.connection import Connection
 from tunnel._core.events import DataReceived, StreamOpened
+from tunnel._core.states import ResponseState
 
 ACTIONS = st.lists(
     st.tuples(
@@ -30,12 +31,12 @@ ACTIONS = st.lists(
 
 
 def true_backlog(end: Connection[object]) -> int:  # type: ignore[type-var]
-    finishing = sum(1 for s in end._streams.values() if s.finished)
+    finishing = sum(1 for s in end._streams.values() if s.response is ResponseState.OVER)
     return len(end._control) + finishing
 
 
 def true_active(end: Connection[object]) -> int:  # type: ignore[type-var]
-    return sum(1 for s in end._streams.values() if not s.finished)
+    return sum(1 for s in end._streams.values() if s.response is not ResponseState.OVER)
 
 
 def check(pair: Pair) -> None:
