@@ -59,6 +59,8 @@ opened.
 """
 
 _STATES: Mapping[str, type[enum.IntEnum]] = {"request": RequestState, "response": ResponseState}
+#: The end whose calls are inputs of each half (the other end receives it).
+_SENDER = {"request": "tunnel client", "response": "tunnel server"}
 _TITLES = {
     "request": "Request half (tunnel client → tunnel server)",
     "response": "Response half (tunnel server → tunnel client)",
@@ -142,8 +144,6 @@ def markdown() -> str:
             out.append("")
     return "\n".join(out)
 
-
-_SENDER = {"request": "tunnel client", "response": "tunnel server"}
 
 if __name__ == "__main__":
     print(markdown(), end="")
