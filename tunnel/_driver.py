@@ -166,10 +166,17 @@ class Driver(Generic[InFrame, OutFrame]):
 
     # -- reading ---------------------------------------------------------
 
-    async def read_loop(self, on_events: Callable[[list[Event]], None]) -> None:
+    async def read_loop(
+        self,
+        on_events: Callable[[list[Event]], None],
+        on_fatal: Callable[[Exception], None] | None = None,
+    ) -> None:
         """Feed frames to the core until the carrying stream ends.
 
         ``RemoteProtocolError`` from the core propagates: the tunnel is over.
+        ``on_fatal`` hears of it first, in the same step, before any other
+        task runs: the core is failed from then on, and nothing may call it
+        as if it were not.
         """
         receive = self._receive
         core = self.core
@@ -179,7 +186,12 @@ class Driver(Generic[InFrame, OutFrame]):
             if frame is None:
                 return
             self.last_received = clock()
-            events = receive(frame)
+            try:
+                events = receive(frame)
+            except Exception as exc:
+                if on_fatal is not None:
+                    on_fatal(exc)
+                raise
             if events:
                 on_events(events)
             if core.has_frames():

@@ -332,7 +332,9 @@ class Tunnel(Generic[InFrame, OutFrame]):
     async def _run(self) -> None:
         """Run the tunnel until it ends (see the module docstring)."""
         driver = self.driver
-        reader = asyncio.create_task(driver.read_loop(self._on_events), name=f"{self._role}-reader")
+        reader = asyncio.create_task(
+            driver.read_loop(self._on_events, self._on_fatal), name=f"{self._role}-reader"
+        )
         writer = asyncio.create_task(driver.write_loop(), name=f"{self._role}-writer")
         stop = asyncio.create_task(self._stop.wait(), name=f"{self._role}-stop")
         tasks = [reader, writer, stop]
@@ -385,6 +387,12 @@ class Tunnel(Generic[InFrame, OutFrame]):
             self._closed.set()
         if interrupted:
             raise asyncio.CancelledError
+
+    def _on_fatal(self, exc: Exception) -> None:
+        """The peer broke the protocol: the tunnel ends now, in this very step."""
+        error = _as_tunnel_error(exc)
+        message = closed_message(describe(exc))
+        self._begin_ending(Ending(Status.UNAVAILABLE, message, error, False, reason_for(error)))
 
     def _why(
         self,

@@ -74,9 +74,11 @@ def check(proto: Any) -> None:
 def failed_for_good(proto: Any, stream_ids: Iterable[int]) -> None:
     """A protocol object that raised ``RemoteProtocolError`` stays failed.
 
-    Every later frame raises again; no stream can be opened; calls on the
-    streams it had do nothing (the application learns of the failure from
-    the driver); nothing is left to send.
+    Every later frame raises again; no stream can be opened; every call
+    that would send on a stream it had raises ``TunnelFailedError``; a
+    cancel or an acknowledgement does nothing (there is nothing left to
+    cancel or to open, and the code that ends calls must not trip);
+    nothing is left to send.
     """
     assert proto.state is TunnelState.FAILED
     check(proto)
@@ -90,13 +92,20 @@ def failed_for_good(proto: Any, stream_ids: Iterable[int]) -> None:
         assert not proto.ready
     for stream_id in stream_ids:
         if client:
-            proto.send_message(stream_id, b"late")
-            proto.half_close(stream_id)
+            sends = [
+                lambda: proto.send_message(stream_id, b"late"),
+                lambda: proto.half_close(stream_id),
+            ]
             proto.cancel(stream_id)
         else:
-            proto.send_headers(stream_id, ())
-            proto.send_message(stream_id, b"late")
-            proto.close_stream(stream_id, None)
+            sends = [
+                lambda: proto.send_headers(stream_id, ()),
+                lambda: proto.send_message(stream_id, b"late"),
+                lambda: proto.close_stream(stream_id, None),
+            ]
+        for send in sends:
+            with pytest.raises(TunnelFailedError, match=r"^tunnel closed: "):
+                send()
         proto.acknowledge(stream_id, 1)
         assert not proto.is_open(stream_id)
     assert proto.next_frame() is None

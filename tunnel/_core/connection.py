@@ -377,10 +377,13 @@ class Connection(Generic[OutFrame]):
         st = self._streams.get(stream_id)
         if st is None:
             # Over and gone, or never created: the row of a stream that is
-            # over decides.  After the tunnel failed, a call on any stream
-            # it had does nothing: the stream ended with the tunnel.
+            # over decides.  After the tunnel failed, every call on a stream
+            # it had raises, but a cancel: there is nothing left to cancel,
+            # and the code that ends calls with the tunnel must not trip.
             if self.state is T_FAILED and stream_id <= self._last_id:
-                return None
+                if input_ is Input.CANCEL:
+                    return None
+                raise self._closed()
             step: object = (RESPONSE_OVER_ROW if response else REQUEST_OVER_ROW)[input_]
         elif response:
             step = st.response_rules[st.response][input_]

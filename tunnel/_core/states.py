@@ -66,12 +66,12 @@ The tunnel as a whole has a state too (``TunnelState``): a tunnel client
 that waits for the server's ``Settings`` is ``NEGOTIATING``; a tunnel server
 after ``initiate_shutdown`` is ``SHUTTING_DOWN`` (new streams are refused);
 and after a ``RemoteProtocolError`` the object is ``FAILED``, which sticks:
-every later frame raises ``RemoteProtocolError`` again and ``open_stream``
-raises ``TunnelFailedError``.  Every stream ends with the failure (counted
-as failed), nothing more is sent, and calls that only let go of a stream
-(``cancel``, ``acknowledge``, and sends on streams the failure ended) do
-nothing: the application learns of the failure from the driver a moment
-later, and must not be tripped up in between.
+every later frame raises ``RemoteProtocolError`` again, and ``open_stream``
+and every call that would send on a stream raise ``TunnelFailedError``.
+Every stream ends with the failure (counted as failed) and nothing more is
+sent.  Only the calls that let go of a stream (``cancel``, ``acknowledge``)
+do nothing: there is nothing left to cancel or to open, and the driver,
+which ends every call the moment the reader fails, must not trip on them.
 
 docs/stream-states.md is this table rendered by ``render.py``; a test keeps
 the two the same.
