@@ -6,7 +6,7 @@ next to a backend, registers with routers and forwards their calls to it;
 ``grpctunnel hash-token FILE`` prints the SHA-256 the router's tokens file
 holds for the token in FILE.  See docs/operators.md.
 
-The programs need the ``router`` extra (prometheus-client, aiohttp); the
+The programs need the ``router`` extra (prometheus-client, aiohttp, redis); the
 library (``import tunnel``) never imports this package.  ``--help`` and
 usage errors work without the extra; running a program without it says
 what to install, in one line, with exit status 2.
@@ -67,7 +67,7 @@ def _run(command: str, settings: list[Setting], argv: Sequence[str], parser: Arg
         else:
             from . import agent as program  # type: ignore[no-redef]
     except ModuleNotFoundError as exc:
-        if exc.name in ("prometheus_client", "aiohttp"):
+        if exc.name in ("prometheus_client", "aiohttp", "redis"):
             raise UsageError(
                 f"{command} needs the 'router' extra ({exc.name}): {EXTRA_HINT}"
             ) from None

@@ -5,7 +5,8 @@
   says why in one line.
 * ``/metrics``: the Prometheus text format, from the program's own
   registry (prometheus-client writes it).
-* ``/tunnels``: JSON, what the program reports about its tunnels.
+* ``/tunnels``: JSON, what the program reports about its tunnels (a
+  function, or a coroutine function: the router asks its registry).
 
 The admin port is separate from the gRPC port (as konnectivity does), so
 that it can stay on a private interface while the gRPC port faces agents
@@ -15,6 +16,7 @@ network.
 
 from __future__ import annotations
 
+import inspect
 import json
 import socket
 from collections.abc import Awaitable, Callable
@@ -101,5 +103,8 @@ class AdminServer:
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _tunnels_page(self, request: web.Request) -> web.Response:
-        text = json.dumps(self._tunnels(), indent=1, default=str) + "\n"
+        tunnels = self._tunnels()
+        if inspect.isawaitable(tunnels):
+            tunnels = await tunnels
+        text = json.dumps(tunnels, indent=1, default=str) + "\n"
         return web.Response(text=text, content_type="application/json")

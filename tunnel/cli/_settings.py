@@ -9,11 +9,22 @@ from __future__ import annotations
 
 import re
 from typing import Any
+from urllib.parse import urlsplit
 
 from ..options import TunnelOptions
 from ._config import Setting, UsageError, address, choice, flag, path, positive_int, seconds, text
 
-__all__ = ["AGENT", "AGENT_INSTANCE_HEADER", "AGENT_KEY_HEADER", "ROUTER", "tunnel_options"]
+__all__ = [
+    "AGENT",
+    "AGENT_INSTANCE_HEADER",
+    "AGENT_KEY_HEADER",
+    "PEER_SECRET_ENV",
+    "REGISTRY_PASSWORD_ENV",
+    "ROUTER",
+    "check_cluster",
+    "describe_url",
+    "tunnel_options",
+]
 
 #: ``grpctunnel-agent-key``: the key an agent registers under (request header
 #: of OpenReverseTunnel).
@@ -21,6 +32,11 @@ AGENT_KEY_HEADER = "grpctunnel-agent-key"
 #: ``grpctunnel-agent-instance``: a random id per agent process, so the
 #: router tells a reconnect of the same agent from another agent.
 AGENT_INSTANCE_HEADER = "grpctunnel-agent-instance"
+
+#: The registry's password, if it needs one (never on the command line).
+REGISTRY_PASSWORD_ENV = "GRPCTUNNEL_REGISTRY_PASSWORD"
+#: The peers' shared secret, when no --peer-secret-file is given.
+PEER_SECRET_ENV = "GRPCTUNNEL_PEER_SECRET"
 
 _HEADER = re.compile(r"[0-9a-z_.-]+")
 
@@ -33,6 +49,51 @@ def header_name(value: Any) -> str:
             "'.'; not grpc-*, not *-bin)"
         )
     return name
+
+
+def describe_url(url: str) -> str:
+    """A registry URL without credentials, for logs and messages."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    try:
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        port = ""
+    return f"{parts.scheme}://{host}{port}{parts.path}"
+
+
+def registry_url(value: Any) -> str:
+    """``redis://HOST:PORT/DB`` (or ``rediss://``, TLS); no password in it."""
+    url = text(value)
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss"):
+        raise ValueError(f"{url!r} is not a redis:// or rediss:// URL")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"{url!r}: the port must be a number from 0 to 65535") from None
+    if not parts.hostname or port is None:
+        raise ValueError(f"{url!r}: say which host and port (redis://HOST:PORT/DB)")
+    if parts.password is not None or parts.username is not None:
+        raise ValueError(
+            f"{describe_url(url)}: no credentials in the URL (it shows in ps); "
+            f"put the password in ${REGISTRY_PASSWORD_ENV}"
+        )
+    db = parts.path.strip("/")
+    if db and not db.isdigit():
+        raise ValueError(f"{url!r}: the database is a number (redis://HOST:PORT/DB)")
+    if parts.query or parts.fragment:
+        raise ValueError(f"{url!r}: no query or fragment")
+    return url
+
+
+def positive_seconds(value: Any) -> float:
+    result = seconds(value)
+    if result <= 0:
+        raise ValueError(f"expected seconds > 0, not {value!r}")
+    return result
 
 
 def key(value: Any) -> str:
@@ -150,7 +211,91 @@ ROUTER = [
     ),
     *_TUNNEL,
     *_LOGGING,
+    # Replicas sharing a registry (docs/operators.md, "Several routers").
+    Setting(
+        "registry",
+        registry_url,
+        None,
+        "share the keys with other routers through this Redis (redis://HOST:PORT/DB); "
+        f"its password, if any, in ${REGISTRY_PASSWORD_ENV}",
+        "URL",
+    ),
+    Setting("router-id", key, None, "this router's name among the replicas (unique)", "ID"),
+    Setting(
+        "peer-listen",
+        address,
+        None,
+        "serve calls forwarded by the other routers here",
+        "HOST:PORT",
+    ),
+    Setting(
+        "advertise",
+        address,
+        None,
+        "the address the other routers dial for --peer-listen (default: its own, "
+        "if its host is not a wildcard; port 0: the port --peer-listen got)",
+        "HOST:PORT",
+    ),
+    Setting(
+        "peer-secret-file",
+        path,
+        None,
+        f"file holding the secret the routers share (else ${PEER_SECRET_ENV})",
+        "FILE",
+    ),
+    Setting(
+        "peer-tls-cert",
+        path,
+        None,
+        "mutual TLS between routers: this router's certificate chain (PEM), "
+        "served on --peer-listen and shown to the peers it dials",
+        "FILE",
+    ),
+    Setting("peer-tls-key", path, None, "the private key of --peer-tls-cert (PEM)", "FILE"),
+    Setting(
+        "peer-tls-ca",
+        path,
+        None,
+        "the CAs (PEM) that sign the routers' --peer-tls-cert",
+        "FILE",
+    ),
+    Setting(
+        "registry-ttl",
+        positive_seconds,
+        30.0,
+        "a router's entries expire this long after its last refresh (refreshed every third)",
+        "SECONDS",
+    ),
 ]
+
+#: The settings that only mean something with --registry.
+CLUSTER_SETTINGS = (
+    "router_id",
+    "peer_listen",
+    "advertise",
+    "peer_secret_file",
+    "peer_tls_cert",
+    "peer_tls_key",
+    "peer_tls_ca",
+)
+
+
+def check_cluster(settings: dict[str, Any]) -> None:
+    """The replica settings go together; a ``UsageError`` says what is missing."""
+    if settings["registry"] is None:
+        given = [name for name in CLUSTER_SETTINGS if settings[name] is not None]
+        if given:
+            flag = "--" + given[0].replace("_", "-")
+            raise UsageError(f"{flag} needs --registry")
+        return
+    for name in ("router_id", "peer_listen"):
+        if settings[name] is None:
+            flag = "--" + name.replace("_", "-")
+            raise UsageError(f"--registry needs {flag}")
+    tls = [settings[n] is not None for n in ("peer_tls_cert", "peer_tls_key", "peer_tls_ca")]
+    if any(tls) and not all(tls):
+        raise UsageError("--peer-tls-cert, --peer-tls-key and --peer-tls-ca go together")
+
 
 AGENT = [
     _CONFIG,

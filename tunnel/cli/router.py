@@ -25,6 +25,14 @@ Shutdown (SIGTERM/SIGINT): /readyz and Health turn NOT_SERVING, new tunnels
 and calls are refused with UNAVAILABLE, calls in flight get up to
 ``--grace-period`` to finish, then the tunnels and the server close and the
 process exits 0.
+
+Replicas (``--registry``): the router records the keys it holds in a
+shared registry and forwards calls for keys other routers hold to them
+(``_cluster``); the duplicate policy then spans every router: ``reject``
+claims the key in the registry before accepting a tunnel, ``replace``
+retires the tunnels that a newer registration elsewhere supersedes.  On
+SIGTERM the router withdraws its entries first, so that no new call is
+sent its way.
 """
 
 from __future__ import annotations
@@ -32,11 +40,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import ssl
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpclib.client
 import grpclib.server
@@ -57,13 +66,25 @@ from ..channel import TunnelChannel
 from ..fallback import install_fallback
 from ..handler import TunnelServiceHandler
 from ..proxy import Proxy
+from ..raw import RawMessage
 from ..reverse import ReverseChannel
 from ._admin import AdminServer, bound, listening_socket
+from ._config import Address, UsageError, read_secret
 from ._logs import event, setup_logging
 from ._metrics import CallMeter, TunnelTotals, statistics_of
-from ._settings import AGENT_INSTANCE_HEADER, AGENT_KEY_HEADER, tunnel_options
-from ._tls import server_context
+from ._settings import (
+    AGENT_INSTANCE_HEADER,
+    AGENT_KEY_HEADER,
+    PEER_SECRET_ENV,
+    REGISTRY_PASSWORD_ENV,
+    check_cluster,
+    tunnel_options,
+)
+from ._tls import client_context, server_context
 from ._tokens import TokenFile
+
+if TYPE_CHECKING:
+    from ._cluster import Cluster
 
 __all__ = ["Router", "run"]
 
@@ -133,9 +154,13 @@ class Router:
         self.health_status = ServiceStatus()
         self.health_status.set(True)
         drop = () if settings["forward_authorization"] else ("authorization",)
+        self.drop = frozenset(drop)
         self.registry = CollectorRegistry(auto_describe=True)
         self.meter = CallMeter(self.registry, "router")
         self.proxy = self.meter.wrap(Proxy(self._choose, drop_metadata=drop))
+        #: With --registry: the other routers, and how calls reach them (set by run()).
+        self.cluster: Cluster | None = None
+        self._local_drop = self.drop
         self.totals = TunnelTotals(
             "router",
             lambda: [statistics_of(r.channel) for r in self.records.values()],
@@ -166,6 +191,15 @@ class Router:
             registry=self.registry,
         )
         self.ready_gauge.set(1)
+
+    def join(self, cluster: Cluster) -> None:
+        """Route through ``cluster`` (before ``server()``)."""
+        from ._peers import PEER_HEADERS
+
+        self.cluster = cluster
+        # A backend must not forge a peer's refusal, nor see the peers' headers.
+        self._local_drop = self.drop | PEER_HEADERS
+        self.proxy = self.meter.wrap(cluster.route)
 
     def server(self) -> grpclib.server.Server:
         server = grpclib.server.Server([self.handler, Health({OVERALL: [self.health_status]})])
@@ -224,6 +258,15 @@ class Router:
             raise self._refuse(
                 Status.ALREADY_EXISTS, f"another agent is registered under key {key!r}", **fields
             )
+        # The claim is atomic in the registry; with the registry down, only
+        # this router's own tunnels are checked (above).
+        registry = self.cluster.registry if self.cluster else None
+        if self.policy == "reject" and registry and await registry.claim(key, instance) is False:
+            raise self._refuse(
+                Status.ALREADY_EXISTS,
+                f"another agent is registered under key {key!r} on another router",
+                **fields,
+            )
 
     def _holders(self, key: str, instance: str) -> list[TunnelRecord]:
         """The live tunnels of ``key`` from other agent instances."""
@@ -280,6 +323,11 @@ class Router:
         }
         if record.grant:
             fields["token"] = record.grant
+        if self.cluster is not None:
+            # Logged once the other routers can find it (or the registry is down).
+            registry = self.cluster.registry
+            await registry.add(record.key, record.instance)
+            fields["registered"] = registry.up
         event(log, "tunnel_opened", "tunnel opened", **fields)
 
     async def _closed(self, channel: TunnelChannel) -> None:
@@ -312,6 +360,14 @@ class Router:
             calls=statistics["streams_opened"],
             reason=reason,
         )
+        if self.cluster is not None:
+            await self.cluster.registry.remove(record.key, record.instance)
+
+    def supersede(self, key: str, instance: str, reason: str) -> None:
+        """The registry says another tunnel of ``key`` wins over ``instance``'s here."""
+        for record in list(self.by_key.get(key, ())):
+            if record.instance == instance:
+                self._retire(record, "replaced", reason)
 
     def _retire(self, record: TunnelRecord, label: str, reason: str) -> None:
         """Take no new calls on this tunnel; close it once its calls are done."""
@@ -331,9 +387,8 @@ class Router:
 
     # -- calls ---------------------------------------------------------------------------
 
-    def _choose(
-        self, method_name: str, metadata: MultiMapping[Any]
-    ) -> grpclib.client.Channel | Any:
+    def call_key(self, metadata: MultiMapping[Any]) -> str:
+        """The key a call names; refuses it while draining or without one."""
         if self.draining:
             raise GRPCError(Status.UNAVAILABLE, "the router is shutting down")
         key = metadata.get(self.key_header)
@@ -342,6 +397,30 @@ class Router:
                 Status.INVALID_ARGUMENT,
                 f"no {self.key_header} header: name the agent the call is for",
             )
+        return key
+
+    def local_channel(self, key: str) -> ReverseChannel:
+        """The pool of this router's tunnels for ``key`` (kept while it has tunnels)."""
+        channel = self._channels.get(key)
+        if channel is None:
+            channel = self.handler.key_as_channel(key)
+            if key in self.by_key:
+                self._channels[key] = channel
+        return channel
+
+    async def local_proxy(
+        self,
+        method_name: str,
+        stream: grpclib.server.Stream[RawMessage, RawMessage],
+        channel: ReverseChannel,
+    ) -> None:
+        """Forward a call to this router's tunnels (``channel``, from ``local_channel``)."""
+        await Proxy(channel, drop_metadata=self._local_drop)(method_name, stream)
+
+    def _choose(
+        self, method_name: str, metadata: MultiMapping[Any]
+    ) -> grpclib.client.Channel | Any:
+        key = self.call_key(metadata)
         channel = self._channels.get(key)
         if channel is None:
             channel = self._channels[key] = self.handler.key_as_channel(key)
@@ -367,10 +446,21 @@ class Router:
     async def ready(self) -> tuple[bool, str]:
         if self.draining:
             return False, "draining: the router is shutting down"
-        return True, f"ready: {len(self.records)} tunnel(s)"
+        why = f"ready: {len(self.records)} tunnel(s)"
+        if self.cluster is not None:
+            # Readiness never depends on the registry: local keys still work.
+            registry = self.cluster.registry
+            why += "; registry " + ("up" if registry.up else f"down ({registry.error})")
+        return True, why
 
-    def tunnels(self) -> list[dict[str, Any]]:
-        return [record.describe() for record in self.records.values()]
+    async def tunnels(self) -> list[dict[str, Any]]:
+        local = [record.describe() for record in self.records.values()]
+        if self.cluster is None:
+            return local
+        me = self.cluster.registry.me
+        for entry in local:
+            entry.update(route="local", router=me.router)
+        return local + await self.cluster.remote_tunnels()
 
     # -- shutdown ------------------------------------------------------------------------
 
@@ -380,6 +470,8 @@ class Router:
         self.health_status.set(False)
         self.ready_gauge.set(0)
         self.handler.initiate_shutdown()
+        if self.cluster is not None:
+            await self.cluster.registry.withdraw()
         event(
             log,
             "router_draining",
@@ -425,6 +517,7 @@ class _OpenTunnels(Collector):
 async def run(settings: dict[str, Any]) -> int:
     """Run the router until SIGTERM/SIGINT; return the exit status."""
     setup_logging(settings["log_format"], settings["log_level"])
+    check_cluster(settings)
     tls: ssl.SSLContext | None = server_context(
         settings["tls_cert"], settings["tls_key"], settings["tls_client_ca"]
     )
@@ -434,6 +527,9 @@ async def run(settings: dict[str, Any]) -> int:
     grpc_sock = listening_socket(settings["listen"], "--listen")
     admin_sock = listening_socket(settings["admin"], "--admin") if settings["admin"] else None
     router = Router(settings, tokens)
+    peer: _PeerListener | None = None
+    if settings["registry"] is not None:
+        peer = _PeerListener(router, settings)
     server = router.server()
     admin = AdminServer(registry=router.registry, ready=router.ready, tunnels=router.tunnels)
     stop = asyncio.Event()
@@ -441,6 +537,8 @@ async def run(settings: dict[str, Any]) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     try:
+        if peer is not None:
+            await peer.start()
         await server.start(sock=grpc_sock, ssl=tls)
         admin_address = await admin.start(admin_sock) if admin_sock else None
         if tokens is None:
@@ -450,6 +548,16 @@ async def run(settings: dict[str, Any]) -> int:
                 "no --agent-tokens: any agent may register any key",
                 logging.WARNING,
             )
+        cluster_fields: dict[str, Any] = {}
+        if router.cluster is not None and peer is not None:
+            registry = router.cluster.registry
+            cluster_fields = {
+                "registry": registry.store.description,
+                "router_id": registry.me.router,
+                "peer": peer.address,
+                "advertise": registry.me.address,
+                "registry_ttl_seconds": registry.ttl,
+            }
         event(
             log,
             "router_listening",
@@ -460,16 +568,95 @@ async def run(settings: dict[str, Any]) -> int:
             on_duplicate=router.policy,
             key_header=router.key_header,
             agent_tokens=len(tokens.grants) if tokens else None,
+            **cluster_fields,
         )
         await stop.wait()
         await router.drain()
     finally:
         server.close()
+        if peer is not None:
+            peer.close()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(5):
                 await server.wait_closed()
+                if peer is not None:
+                    await peer.wait_closed()
+        if router.cluster is not None:
+            await router.cluster.aclose()
         await admin.stop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
     event(log, "router_stopped", "router stopped")
     return 0
+
+
+class _PeerListener:
+    """The peer listener (``--peer-listen``) and the router's cluster, from the settings.
+
+    Every setting is checked here, before anything starts: a bad address,
+    secret or certificate is a usage error (exit status 2).
+    """
+
+    def __init__(self, router: Router, settings: dict[str, Any]) -> None:
+        from ._cluster import Cluster
+        from ._peers import PeerChannels, peer_server
+        from ._registry import Holder, Registry
+
+        try:
+            from ._redis import RedisStore
+        except ModuleNotFoundError as exc:
+            raise UsageError(
+                f"--registry needs redis-py ({exc.name}): pip install 'grpclib-tunnel[router]'"
+            ) from None
+
+        secret = read_secret(settings["peer_secret_file"], PEER_SECRET_ENV, "--peer-secret-file")
+        cert, key, ca = settings["peer_tls_cert"], settings["peer_tls_key"], settings["peer_tls_ca"]
+        if secret is None and cert is None:
+            raise UsageError(
+                "--registry needs the routers to authenticate each other: "
+                f"--peer-secret-file (or ${PEER_SECRET_ENV}), or --peer-tls-cert/-key/-ca"
+            )
+        self._tls = server_context(cert, key, ca, flags="--peer-tls")
+        client_tls = client_context(bool(cert), ca, cert, key, flags="--peer-tls")
+        self._sock = listening_socket(settings["peer_listen"], "--peer-listen")
+        self.address = bound(self._sock)
+        advertise = settings["advertise"]
+        if advertise is None:
+            if self.address.host in ("0.0.0.0", "::"):
+                raise UsageError(
+                    f"--peer-listen {settings['peer_listen']}: say which address the other "
+                    "routers dial, with --advertise HOST:PORT"
+                )
+            advertise = self.address
+        elif advertise.port == 0:
+            advertise = Address(advertise.host, self.address.port)
+        store = RedisStore.from_url(
+            settings["registry"], password=os.environ.get(REGISTRY_PASSWORD_ENV) or None
+        )
+        cluster: Cluster | None = None
+        registry = Registry(
+            store,
+            Holder(settings["router_id"], str(advertise)),
+            ttl=settings["registry_ttl"],
+            policy=router.policy,
+            on_superseded=router.supersede,
+            observe=lambda operation, seconds: (
+                cluster.observe(operation, seconds) if cluster is not None else None
+            ),
+        )
+        drop = router.drop
+        cluster = Cluster(router, registry, PeerChannels(client_tls, drop), secret, router.registry)
+        router.join(cluster)
+        self.cluster = cluster
+        self._server = peer_server(router.meter.wrap(cluster.serve_peer), secret)
+        router.meter.listen_on(self._server)
+
+    async def start(self) -> None:
+        await self._server.start(sock=self._sock, ssl=self._tls)
+        self.cluster.registry.start()
+
+    def close(self) -> None:
+        self._server.close()
+
+    async def wait_closed(self) -> None:
+        await self._server.wait_closed()
