@@ -14,12 +14,13 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import redis.asyncio
 
-from tests.programs.support import STARTUP, Process, Router, port_of
+from tests.programs.support import STARTUP, Line, Process, Router, port_of
 
 #: Registry entries expire this long after their router's last refresh.
 TTL = 1.5
@@ -50,10 +51,10 @@ class RedisServer:
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.process = subprocess.Popen(
             [
-                redis_server_binary(),
-                "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning",
-            ],  # fmt: skip
+                *(redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1"),
+                *("--save", "", "--appendonly", "no", "--daemonize", "no"),
+                *("--loglevel", "warning"),
+            ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -79,9 +80,10 @@ class RedisServer:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 break
-            with contextlib.suppress(OSError), socket.create_connection(
-                ("127.0.0.1", self.port), timeout=1
-            ) as sock:
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock,
+            ):
                 sock.sendall(b"PING\r\n")
                 if sock.recv(64).startswith(b"+PONG"):
                     return
@@ -156,3 +158,38 @@ class Replica(Router):
         listening = self.wait_event("router_listening")
         self.peer: str = listening["peer"]
         self.advertise: str = listening["advertise"]
+
+
+P = TypeVar("P", bound=Process)
+
+
+def printed_by(
+    processes: Sequence[P],
+    match: Callable[[Line], bool],
+    timeout: float = STARTUP,
+    *,
+    after: Sequence[int] = (),
+) -> P:
+    """The first of ``processes`` that printed a matching line (bounded wait).
+
+    ``after`` gives each process's ``mark()``: only lines printed since count.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        for i, process in enumerate(processes):
+            start = after[i] if after else 0
+            if any(match(line) for line in list(process.lines)[start:]):
+                return process
+        if time.monotonic() > deadline:
+            names = ", ".join(p.name for p in processes)
+            raise AssertionError(f"none of {names} printed the line expected")
+        time.sleep(0.01)  # scanning logs that each process's reader thread fills
+
+
+def opened_on(routers: list[Replica], instance: str, timeout: float = STARTUP) -> Replica:
+    """The router on which agent ``instance``'s tunnel opened (bounded wait)."""
+    return printed_by(
+        routers,
+        lambda line: line.get("event") == "tunnel_opened" and line.get("instance") == instance,
+        timeout,
+    )
