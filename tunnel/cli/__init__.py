@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ._config import ArgumentParser, Setting, UsageError, load_settings, readable_file
-from ._settings import AGENT, ROUTER
+from ._settings import AGENT, ROUTER, check_cluster
 from ._tokens import hash_token
 
 __all__ = ["main"]
@@ -61,6 +61,8 @@ def _parser() -> tuple[ArgumentParser, dict[str, ArgumentParser]]:
 def _run(command: str, settings: list[Setting], argv: Sequence[str], parser: ArgumentParser) -> int:
     others = [c for c in ("router", "agent") if c != command]
     values = load_settings(parser, settings, argv, command=command, others=others)
+    if command == "router":
+        check_cluster(values)
     try:
         if command == "router":
             from . import router as program

@@ -128,6 +128,8 @@ class Holding:
     tunnels: int = 1
     #: When the store recorded it (its clock, µs); 0 until then.
     gen: int = 0
+    #: The router was told to retire it (told once; it goes when its tunnels close).
+    superseded: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,7 +270,7 @@ class Registry:
             ),
         )
         if gen is None:
-            self._on_superseded(held.key, held.instance, CLAIM_LOST.format(key=held.key))
+            self._supersede(held, CLAIM_LOST.format(key=held.key))
             return
         held.gen = gen
         seen = self._seen.pop(held.key, None)
@@ -359,9 +361,12 @@ class Registry:
                 if seen is None or seen.gen < notice.gen:
                     self._seen[notice.key] = notice
             elif held.gen < notice.gen:
-                self._on_superseded(
-                    held.key, held.instance, SUPERSEDED.format(router=notice.router)
-                )
+                self._supersede(held, SUPERSEDED.format(router=notice.router))
+
+    def _supersede(self, held: Holding, reason: str) -> None:
+        if not held.superseded:
+            held.superseded = True
+            self._on_superseded(held.key, held.instance, reason)
 
     # -- the store, connected or not -----------------------------------------------------
 
@@ -450,14 +455,13 @@ class Registry:
             if self._held.get((holding.key, holding.instance)) is not holding:
                 continue  # released meanwhile
             if self.policy == "reject" and not result.claimed:
-                lost = CLAIM_LOST.format(key=holding.key)
-                self._on_superseded(holding.key, holding.instance, lost)
+                self._supersede(holding, CLAIM_LOST.format(key=holding.key))
             elif (
                 self.policy == "replace"
                 and result.latest_instance != holding.instance
                 and result.latest_gen > holding.gen
             ):
-                self._on_superseded(holding.key, holding.instance, SUPERSEDED_ELSEWHERE)
+                self._supersede(holding, SUPERSEDED_ELSEWHERE)
 
     async def _resync(self) -> None:
         """After (re)connecting: the store learns what changed while it was away."""

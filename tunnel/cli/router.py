@@ -516,8 +516,8 @@ class _OpenTunnels(Collector):
 
 async def run(settings: dict[str, Any]) -> int:
     """Run the router until SIGTERM/SIGINT; return the exit status."""
-    setup_logging(settings["log_format"], settings["log_level"])
     check_cluster(settings)
+    setup_logging(settings["log_format"], settings["log_level"])
     tls: ssl.SSLContext | None = server_context(
         settings["tls_cert"], settings["tls_key"], settings["tls_client_ca"]
     )
