@@ -63,6 +63,11 @@ async def _measure(args: argparse.Namespace, budget: Budget) -> dict[str, Any]:
 
         pb, _ = protos.load(pb_dir)
         return await router_side.measure(pb_dir, pb, budget)
+    if args.transport == "replicas":
+        from . import registry_side
+
+        pb, _ = protos.load(pb_dir)
+        return await registry_side.measure(pb_dir, pb, budget)
     if args.transport in ("direct", "forward", "reverse", "forward-wide"):
         from . import grpclib_side
 

@@ -302,6 +302,10 @@ Not run:
 
 {router_section(data.get("router"))}
 
+## Router replicas: the peer hop and the registry
+
+{replicas_section(data.get("replicas"))}
+
 ## Targets
 
 {chr(10).join(targets(runs, many))}
@@ -402,3 +406,59 @@ same backend process; in brackets the ratio to the direct figure. The
 target is at least 0.5x for unary calls/s.
 
 {router_table(run, markdown=True)}"""
+
+
+# -- the replica rows ---------------------------------------------------------------------
+
+
+def replicas_table(run: dict[str, Any], markdown: bool) -> str:
+    """A call through the router holding its key vs one crossing the peer hop; the registry."""
+    results = run.get("results", {})
+    hop = results.get("hop", {})
+    local = {"results": hop.get("local", {})}
+    peer = {"results": hop.get("peer", {})}
+    header = ["", "caller -> r2 (holds the key)", "caller -> r1 -> r2 (peer hop)"]
+    body = [[row.label, cell(row, local, None), cell(row, peer, local)] for row in ROUTER_ROWS]
+    if "error" in hop:
+        body.append(["peer hop: error", hop["error"], ""])
+    registry = results.get("registry", {})
+    if "error" in registry:
+        body.append(["registry: error", registry["error"], ""])
+    elif registry:
+        keys, routers = registry["keys"], registry["routers"]
+        body += [
+            [
+                f"registry, {keys:,} keys over {routers} routers: a refresh of all of them",
+                f"{registry['refresh_round_s'] * 1000:.0f} ms",
+                f"{registry['refresh_ops_per_s']:,.0f} Redis ops/s",
+            ],
+            [
+                "registry: steady refresh load at the default TTL (30 s)",
+                f"{registry['steady_ops_per_s']:,.0f} Redis ops/s",
+                "",
+            ],
+            [
+                f"registry: lookup of a key ({registry['lookups']:,} in a row)",
+                f"p50 {registry['lookup_p50_us']:.0f} µs",
+                f"p99 {registry['lookup_p99_us']:.0f} µs",
+            ],
+        ]
+    if run.get("error"):
+        body.append(["error", run["error"], ""])
+    return _render(header, body, markdown)
+
+
+def replicas_section(run: dict[str, Any] | None) -> str:
+    if run is None:
+        return "Not measured in this run."
+    return f"""Processes on the same 2 cores: redis-server, the backend, two `grpctunnel
+router --registry` replicas (r1, r2) and an agent registered with r2. The
+caller goes through r2, which holds the key, then through r1, which looks
+the key up in the registry and forwards the call to r2 over the peer
+listener; in brackets the ratio to the call through r2. The registry rows
+run three routers' stores in the benchmark process against the same
+redis-server, with 10,000 keys spread over them: a refresh writes every
+key once (one Lua script per key, pipelined), and the lookups are one at
+a time, as a call for a remote key makes them.
+
+{replicas_table(run, markdown=True)}"""

@@ -32,7 +32,9 @@ GRPCIO_KINDS = ("grpcio", "gt-forward", "gt-reverse")
 TRIO_KINDS = ("trio",)
 #: ``grpctunnel router`` and ``agent`` as processes, against the same backend
 #: reached directly (benchmarks/router_side.py); a table of its own.
-ROUTER_KINDS = ("router",)
+#: Router replicas sharing a Redis registry (benchmarks/registry_side.py): the
+#: peer hop against a local call, and the registry's load at 10,000 keys.
+ROUTER_KINDS = ("router", "replicas")
 
 METHOD = """\
 - Every transport runs in fresh child processes (`python -m benchmarks.child`),
@@ -301,7 +303,8 @@ def main() -> None:
         trio = _run_trio(budget_name, pb_dir, Path(tmp), args.quick) if "trio" in wanted else None
     load_after = os.getloadavg()
 
-    router_run = next((r for r in runs if r["transport"] in ROUTER_KINDS), None)
+    router_run = next((r for r in runs if r["transport"] == "router"), None)
+    replicas_run = next((r for r in runs if r["transport"] == "replicas"), None)
     runs = [r for r in runs if r["transport"] not in ROUTER_KINDS]
     versions = next((r["versions"] for r in runs if "versions" in r), {})
     data: dict[str, Any] = {
@@ -317,6 +320,7 @@ def main() -> None:
         "runs": runs,
         "trio": trio,
         "router": router_run,
+        "replicas": replicas_run,
     }
     json_out = args.json_out or RESULTS / ("quick.json" if args.quick else "latest.json")
     json_out.parent.mkdir(parents=True, exist_ok=True)
@@ -329,6 +333,9 @@ def main() -> None:
     if router_run is not None:
         print()
         print(report.router_table(router_run, markdown=False))
+    if replicas_run is not None:
+        print()
+        print(report.replicas_table(replicas_run, markdown=False))
     for run in runs:
         errors = {k: v["error"] for k, v in run.get("results", {}).items() if "error" in v}
         if run.get("error") or errors:
@@ -340,9 +347,10 @@ def main() -> None:
     if not (args.quick or args.only or args.no_docs):
         write_docs(data)
         print(f"wrote {DOC.relative_to(ROOT)} and {CHART.relative_to(ROOT)}")
-    failed = any(
-        run.get("error") for run in [*runs, *([router_run] if router_run else [])]
-    ) or bool(trio and trio.get("error"))
+    process_runs = [run for run in (router_run, replicas_run) if run is not None]
+    failed = any(run.get("error") for run in [*runs, *process_runs]) or bool(
+        trio and trio.get("error")
+    )
     sys.exit(1 if failed else 0)
 
 

@@ -417,6 +417,8 @@ class Registry:
                 keys=len({k for k, _ in self._held}),
             )
             await self._connected()
+            # Something failed: a moment before trying again, whatever it was.
+            await asyncio.sleep(self._min_backoff)
 
     async def _connected(self) -> None:
         """Listen and refresh until something fails; then the supervisor reconnects."""
@@ -432,8 +434,13 @@ class Registry:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
         for task in done:
-            if not task.cancelled() and isinstance(task.exception(), RegistryError):
-                self._down(str(task.exception()))
+            error = None if task.cancelled() else task.exception()
+            if isinstance(error, RegistryError):
+                self._down(str(error))
+            elif error is not None:
+                # Not the store's fault: a bug. Say so, and start over.
+                log.error("registry task failed", exc_info=error)
+                self._down(f"the registry {self.store.description} failed: {error!r}")
         self.up = False
 
     async def _listen(self) -> None:
