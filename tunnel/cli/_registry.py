@@ -49,7 +49,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from ._logs import event
 
@@ -482,7 +482,7 @@ class Registry:
         )
 
 
-async def _cancel(tasks: Sequence[asyncio.Task[None]]) -> None:
+async def _cancel(tasks: Sequence[asyncio.Task[Any]]) -> None:
     """Cancel ``tasks`` and wait until they are done, cancelling again if need be.
 
     A task waiting on the Redis client does not always end at the first
