@@ -98,3 +98,31 @@ def test_quick_router_bench_runs(tmp_path: Path) -> None:
         assert results[route]["unary_1"]["calls_per_s"] > 0
         assert results[route]["bulk"]["mib_per_s"] > 0
     assert "caller -> router -> agent -> backend" in done.stdout
+
+
+@pytest.mark.timeout(120)
+def test_quick_replicas_bench_runs(tmp_path: Path) -> None:
+    """The replica rows: the peer hop against a local call, and the registry's load."""
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks",
+            "--quick",
+            "--only=replicas",
+            "--no-uvloop",
+            f"--json-out={out}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    results = json.loads(out.read_text())["replicas"]["results"]
+    for route in ("local", "peer"):
+        assert results["hop"][route]["unary_1"]["calls_per_s"] > 0
+    registry = results["registry"]
+    assert registry["refresh_ops_per_s"] > 0 and registry["lookup_p99_us"] > 0
+    assert "caller -> r1 -> r2 (peer hop)" in done.stdout

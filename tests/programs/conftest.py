@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
+from tests.programs.cluster import RedisServer
 from tests.programs.support import Backend, Callers, processes
 
 
@@ -23,3 +24,13 @@ async def caller() -> AsyncIterator[Callers]:
         yield callers
     finally:
         callers.close()
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A redis-server of the test's own (the replicas' registry), stopped by PID after it."""
+    server = RedisServer()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 import grpclib.client
 
-from tests.stubs.pb import test_grpc
+from tests.stubs.pb import test_grpc, test_pb2
 
 ROOT = Path(__file__).resolve().parents[2]
 #: Upper bound for a process to start or to stop.
@@ -178,6 +178,50 @@ async def reaching_backend(
         await asyncio.gather(task, return_exceptions=True)
         raise
     return task
+
+
+def grpctunnel(
+    *args: str, stdin: str | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``python -m tunnel ARGS`` to its end: for usage errors and one-shot commands."""
+    return subprocess.run(
+        [sys.executable, "-m", "tunnel", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=30,
+        input=stdin,
+        env=env,
+    )
+
+
+async def four_call_kinds(stub: test_grpc.TestServiceStub, metadata: dict[str, str]) -> None:
+    """Unary, client-, server- and bidi-streaming calls through ``stub``, checked."""
+    reply = await stub.Unary(test_pb2.Message(payload=b"hello"), metadata=metadata)
+    assert reply.payload == b"hello"
+
+    async with stub.ClientStream.open(metadata=metadata) as call:
+        for i in range(3):
+            await call.send_message(test_pb2.Message(payload=b"%d" % i))
+        await call.end()
+        reply = await call.recv_message()
+    assert reply is not None and reply.count == 3 and reply.payload == b"2"
+
+    async with stub.ServerStream.open(metadata=metadata) as call:
+        await call.send_message(test_pb2.Message(payload=b"tick", count=4), end=True)
+        replies = [r async for r in call]
+    assert [r.payload for r in replies] == [b"tick"] * 4
+
+    async with stub.BidiStream.open(metadata=metadata) as call:
+        echoed = []
+        for i in range(3):
+            await call.send_message(test_pb2.Message(payload=b"ping %d" % i))
+            reply = await call.recv_message()
+            assert reply is not None
+            echoed.append(reply.payload)
+        await call.end()
+        assert await call.recv_message() is None
+    assert echoed == [b"ping 0", b"ping 1", b"ping 2"]
 
 
 def port_of(address: str) -> int:

@@ -20,7 +20,17 @@ from grpclib.exceptions import GRPCError
 from grpclib.health.v1.health_grpc import HealthStub
 from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 
-from tests.programs.support import Agent, Backend, Router, Stack, get, metrics, processes, tunnels
+from tests.programs.support import (
+    Agent,
+    Backend,
+    Router,
+    Stack,
+    four_call_kinds,
+    get,
+    metrics,
+    processes,
+    tunnels,
+)
 from tests.stubs.pb import test_grpc, test_pb2
 
 KEY = "kitchen"
@@ -58,32 +68,7 @@ def message(**fields: object) -> test_pb2.Message:
 
 async def test_the_four_call_kinds(stub: test_grpc.TestServiceStub) -> None:
     async with asyncio.timeout(TEST_TIMEOUT):
-        reply = await stub.Unary(message(payload=b"hello"), metadata=ROUTED)
-        assert reply.payload == b"hello"
-
-        async with stub.ClientStream.open(metadata=ROUTED) as call:
-            for i in range(3):
-                await call.send_message(message(payload=b"%d" % i))
-            await call.end()
-            reply = await call.recv_message()
-        assert reply is not None and reply.count == 3 and reply.payload == b"2"
-
-        async with stub.ServerStream.open(metadata=ROUTED) as call:
-            await call.send_message(message(payload=b"tick", count=4), end=True)
-            replies = [r async for r in call]
-        assert len(replies) == 4
-        assert {r.payload for r in replies} == {b"tick"}
-
-        async with stub.BidiStream.open(metadata=ROUTED) as call:
-            echoed = []
-            for i in range(3):
-                await call.send_message(message(payload=b"ping %d" % i))
-                reply = await call.recv_message()
-                assert reply is not None
-                echoed.append(reply.payload)
-            await call.end()
-            assert await call.recv_message() is None
-        assert echoed == [b"ping 0", b"ping 1", b"ping 2"]
+        await four_call_kinds(stub, ROUTED)
 
 
 async def test_metadata_both_ways_binary_included_and_authorization_stripped(

@@ -7,10 +7,7 @@ backend of its own, so a test can tell which one served a call.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from tests.programs.cluster import RedisServer, Replica, printed_by, secret_file
 from tests.programs.support import Agent, Backend, Callers, processes, tunnels
@@ -18,15 +15,6 @@ from tests.stubs.pb import test_pb2
 
 TEST_TIMEOUT = 40.0
 KEY = "twin"
-
-
-@pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    server = RedisServer()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 async def _served_by(

@@ -39,15 +39,6 @@ REFRESH = TTL / 3
 SLACK = 2.0
 
 
-@pytest.fixture
-def redis_server() -> object:
-    server = RedisServer()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 async def _holders(redis: RedisServer, key: str) -> list[str]:
     """The routers whose registry entry for ``key`` has not expired."""
     async with redis.client() as client:

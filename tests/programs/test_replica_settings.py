@@ -6,7 +6,6 @@ import asyncio
 import ssl
 import subprocess
 import sys
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -17,22 +16,11 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 
 from tests.programs.cluster import RedisServer
-from tests.programs.support import ROOT, Agent, Backend, Callers, Router, processes
+from tests.programs.support import ROOT, Agent, Backend, Callers, Router, grpctunnel, processes
 from tests.stubs.pb import test_grpc, test_pb2
 from tunnel.cli import main
 
 TEST_TIMEOUT = 30.0
-
-
-def grpctunnel(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "tunnel", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=30,
-        env=env,
-    )
 
 
 def test_replica_settings_go_together(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -114,15 +102,6 @@ def test_the_library_does_not_import_redis() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=30
     )
     assert done.stdout.strip() == "False", done.stderr
-
-
-@pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    server = RedisServer()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 async def test_mutual_tls_between_routers(

@@ -23,7 +23,15 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
 from tests.programs.cluster import SECRET, Balancer, RedisServer, Replica, secret_file
-from tests.programs.support import Agent, Backend, Callers, metrics, processes, tunnels
+from tests.programs.support import (
+    Agent,
+    Backend,
+    Callers,
+    four_call_kinds,
+    metrics,
+    processes,
+    tunnels,
+)
 from tests.stubs.pb import test_grpc, test_pb2
 
 TEST_TIMEOUT = 30.0
@@ -91,31 +99,7 @@ async def test_the_four_call_kinds_across_the_peer_hop(cluster: Cluster, caller:
     routed = {"tunnel-key": "k3"}  # held by r3: every call crosses r1 -> r3
     before = await metrics(cluster.routers[0].admin)
     async with asyncio.timeout(TEST_TIMEOUT):
-        reply = await stub.Unary(message(payload=b"hello"), metadata=routed)
-        assert reply.payload == b"hello"
-
-        async with stub.ClientStream.open(metadata=routed) as call:
-            for i in range(3):
-                await call.send_message(message(payload=b"%d" % i))
-            await call.end()
-            reply = await call.recv_message()
-        assert reply is not None and reply.count == 3 and reply.payload == b"2"
-
-        async with stub.ServerStream.open(metadata=routed) as call:
-            await call.send_message(message(payload=b"tick", count=4), end=True)
-            replies = [r async for r in call]
-        assert [r.payload for r in replies] == [b"tick"] * 4
-
-        async with stub.BidiStream.open(metadata=routed) as call:
-            echoed = []
-            for i in range(3):
-                await call.send_message(message(payload=b"ping %d" % i))
-                reply = await call.recv_message()
-                assert reply is not None
-                echoed.append(reply.payload)
-            await call.end()
-            assert await call.recv_message() is None
-        assert echoed == [b"ping 0", b"ping 1", b"ping 2"]
+        await four_call_kinds(stub, routed)
     after = await metrics(cluster.routers[0].admin)
     peer = ("grpctunnel_router_calls_by_route_total", (("route", "peer"),))
     forwarded = ("grpctunnel_router_peer_forwards_total", (("result", "forwarded"),))

@@ -12,20 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.programs.support import ROOT, Router, processes
+from tests.programs.support import ROOT, Router, grpctunnel, processes
 from tunnel.cli._config import Address, UsageError, address
 from tunnel.cli._tokens import TokenFile
-
-
-def grpctunnel(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "tunnel", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=30,
-        input=stdin,
-    )
 
 
 @pytest.fixture

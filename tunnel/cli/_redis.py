@@ -68,6 +68,10 @@ def _router_keys(router: str) -> str:
     return f"{PREFIX}:router:{{{_tag(router)}}}:keys"
 
 
+# The scripts share one layout.  KEYS: routers, latest, claim (of one key).
+# ARGV: [1] the router's member, [2] ttl ms, [3] agent instance, [4] claim
+# (0/1: ``reject``), [5] gen (refresh only), [6] router id, [7] the key.
+
 # Redis's clock, in ms (number) and in µs (string: a Lua number prints
 # with 14 digits only).
 _NOW = """
@@ -75,48 +79,68 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local gen = t[1] .. string.format('%06d', tonumber(t[2]))
 """
+_TTL = "local ttl = tonumber(ARGV[2])\n"
 
-# KEYS: routers, latest, claim.  ARGV: member, ttl ms, instance, claim (0/1),
-# router id, key.  Records the holder, the newest registration, and
-# announces it.  Returns the registration's gen, or 0 if the claim is
-# another instance's (nothing is recorded then).
-_HOLD = (
-    _NOW
-    + """
-local ttl = tonumber(ARGV[2])
+# ``claimed``: false if another instance has the claim; else it is (re)taken.
+_TAKE_CLAIM = """
+local claimed = true
 if ARGV[4] == '1' then
   local owner = redis.call('GET', KEYS[3])
-  if owner and owner ~= ARGV[3] then return 0 end
-  redis.call('SET', KEYS[3], ARGV[3], 'PX', ttl)
+  if owner and owner ~= ARGV[3] then
+    claimed = false
+  else
+    redis.call('SET', KEYS[3], ARGV[3], 'PX', ttl)
+  end
 end
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
-if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
-redis.call('SET', KEYS[2], gen .. ' ' .. ARGV[3], 'PX', ttl)
-redis.call('PUBLISH', '"""
-    + CHANNEL
-    + """', cjson.encode({key = ARGV[6], router = ARGV[5], instance = ARGV[3], gen = gen}))
-return gen
 """
-)
 
-# KEYS: routers, latest, claim.  ARGV: member, ttl ms, instance, claim (0/1),
-# gen, router id, key.  Keeps an entry alive, and puts it back (announced
-# anew, with its first gen) if Redis lost it; under ``reject`` only while
-# the claim is still the instance's.  Returns {claim still ours (0/1), the
-# newest registration "GEN INSTANCE"}.
-_REFRESH = (
-    _NOW
-    + """
-local ttl = tonumber(ARGV[2])
-if ARGV[4] == '1' then
-  local owner = redis.call('GET', KEYS[3])
-  if owner and owner ~= ARGV[3] then return {0, redis.call('GET', KEYS[2]) or ''} end
-  redis.call('SET', KEYS[3], ARGV[3], 'PX', ttl)
-end
+# The router's entry in the sorted set KEYS[1], expiring ttl ms from now
+# (expired members dropped, the set kept as long); ``new``: it was not there.
+_ENTRY = """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local new = redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
 if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
+"""
+
+
+def _announce(gen: str) -> str:
+    return (
+        f"redis.call('PUBLISH', '{CHANNEL}', cjson.encode("
+        f"{{key = ARGV[7], router = ARGV[6], instance = ARGV[3], gen = {gen}}}))\n"
+    )
+
+
+# Records the entry and the newest registration, and announces it.  Returns
+# the registration's gen, or 0 if the claim is another instance's (nothing
+# is recorded then).
+_HOLD = (
+    _NOW
+    + _TTL
+    + _TAKE_CLAIM
+    + """
+if not claimed then return 0 end
+"""
+    + _ENTRY
+    + """
+redis.call('SET', KEYS[2], gen .. ' ' .. ARGV[3], 'PX', ttl)
+"""
+    + _announce("gen")
+    + "return gen\n"
+)
+
+# Keeps an entry alive, and puts it back (announced anew, with its first
+# gen) if Redis lost it; under ``reject`` only while the claim is still the
+# instance's.  Returns {claim still ours (0/1), the newest registration
+# "GEN INSTANCE"}.
+_REFRESH = (
+    _NOW
+    + _TTL
+    + _TAKE_CLAIM
+    + """
+if not claimed then return {0, redis.call('GET', KEYS[2]) or ''} end
+"""
+    + _ENTRY
+    + """
 local latest = redis.call('GET', KEYS[2])
 local newest = latest and tonumber(string.match(latest, '^(%d+)')) or -1
 if newest < tonumber(ARGV[5]) then
@@ -126,21 +150,18 @@ elseif redis.call('PTTL', KEYS[2]) < ttl then
   redis.call('PEXPIRE', KEYS[2], ttl)
 end
 if new == 1 then
-  redis.call('PUBLISH', '"""
-    + CHANNEL
-    + """', cjson.encode({key = ARGV[7], router = ARGV[6], instance = ARGV[3], gen = ARGV[5]}))
-end
+"""
+    + _announce("ARGV[5]")
+    + """end
 return {1, latest}
 """
 )
 
-# KEYS: claim.  ARGV: instance, ttl ms.  1 if the claim is (now) the instance's.
-_CLAIM = """
-local owner = redis.call('GET', KEYS[1])
-if owner and owner ~= ARGV[1] then return 0 end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', tonumber(ARGV[2]))
-return 1
-"""
+# 1 if the claim is (now) the instance's.
+_CLAIM = _TTL + _TAKE_CLAIM + "if claimed then return 1 else return 0 end\n"
+
+# KEYS: a sorted set of expiring members.  ARGV: member, ttl ms.
+_ALIVE = _NOW + _TTL + _ENTRY + "return 1\n"
 
 # KEYS: routers, claim.  ARGV: member, instance, last (0/1).  Drops the
 # instance's claim, and with ``last`` the router's entry.
@@ -219,7 +240,7 @@ class RedisStore:
         gen = await self._run(
             self._hold(
                 keys=_keys(key),
-                args=[holder.member(), _ms(ttl), instance, int(claim), holder.router, key],
+                args=[holder.member(), _ms(ttl), instance, int(claim), "", holder.router, key],
             )
         )
         async with self._redis.pipeline(transaction=False) as pipe:
@@ -229,7 +250,7 @@ class RedisStore:
         return int(gen) or None
 
     async def claim(self, key: str, instance: str, ttl: float) -> bool:
-        claimed = await self._run(self._claim(keys=[_keys(key)[2]], args=[instance, _ms(ttl)]))
+        claimed = await self._run(self._claim(keys=_keys(key), args=["", _ms(ttl), instance, 1]))
         return bool(claimed)
 
     async def refresh(
