@@ -163,3 +163,32 @@ async def test_mutual_tls_between_routers(
                     assert failure.value.status is not Status.OK
             finally:
                 channel.close()
+
+
+def test_the_replica_settings_come_from_the_config_file_too(tmp_path: Path) -> None:
+    from tunnel.cli import _parser
+    from tunnel.cli._config import Address, load_settings
+    from tunnel.cli._settings import ROUTER
+
+    config = tmp_path / "grpctunnel.toml"
+    config.write_text(
+        "[router]\n"
+        'listen = "127.0.0.1:0"\n'
+        'registry = "redis://redis.internal:6379/2"\n'
+        'router-id = "router-a"\n'
+        'peer-listen = "0.0.0.0:8444"\n'
+        'advertise = "router-a.internal:8444"\n'
+        'peer-secret-file = "/etc/grpctunnel/peer.secret"\n'
+        "registry-ttl = 12\n"
+    )
+    _, subparsers = _parser()
+    values = load_settings(
+        subparsers["router"], ROUTER, ["--config", str(config), "--router-id", "router-b"],
+        command="router",
+    )  # fmt: skip
+    assert values["registry"] == "redis://redis.internal:6379/2"
+    assert values["router_id"] == "router-b"  # the flag wins
+    assert values["peer_listen"] == Address("0.0.0.0", 8444)
+    assert values["advertise"] == Address("router-a.internal", 8444)
+    assert values["peer_secret_file"] == Path("/etc/grpctunnel/peer.secret")
+    assert values["registry_ttl"] == 12.0
