@@ -83,6 +83,8 @@ async def test_kill_9_of_a_router(
         agents = {
             key: started.add(Agent(balancer.address, backend, key, wait=False)) for key in keys
         }
+        # An agent that names every router has a tunnel on each.
+        everywhere = started.add(Agent(routers, backend, "everywhere"))
         async with asyncio.timeout(TEST_TIMEOUT):
             where = {
                 key: await asyncio.to_thread(opened_on, routers, agent.instance)
@@ -96,6 +98,11 @@ async def test_kill_9_of_a_router(
 
             victim.signal(signal.SIGKILL)
             killed = time.monotonic()
+            # Its key stays reachable through the other routers' tunnels, at once.
+            reply = await stub.Unary(
+                test_pb2.Message(), metadata={"tunnel-key": "everywhere"}, timeout=5
+            )
+            assert reply is not None and everywhere.process.poll() is None
             recovered = {}
             for key in orphans:
                 when, _ = await _first_success(stub, key, MAX_BACKOFF + TTL + 10)

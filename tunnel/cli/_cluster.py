@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from typing import TYPE_CHECKING, Any
 
 import grpclib.server
@@ -38,13 +39,25 @@ from prometheus_client.registry import Collector
 
 from ..raw import RawMessage
 from ..reverse import ReverseChannel
-from ._peers import PeerChannels, PeerRefused, Replaying, is_forwarded, peer_metadata, refuse
-from ._registry import Holder, Registry, RegistryError
+from ._admin import bound, listening_socket
+from ._config import Address, UsageError, read_secret
+from ._peers import (
+    PeerChannels,
+    PeerRefused,
+    Replaying,
+    is_forwarded,
+    peer_metadata,
+    peer_server,
+    refuse,
+)
+from ._registry import Holder, Registry, RegistryError, Store
+from ._settings import PEER_SECRET_ENV, REGISTRY_PASSWORD_ENV
+from ._tls import client_context, server_context
 
 if TYPE_CHECKING:
     from .router import Router
 
-__all__ = ["ROUTES", "Cluster"]
+__all__ = ["ROUTES", "Cluster", "PeerListener"]
 
 log = logging.getLogger("grpctunnel.router")
 
@@ -65,13 +78,22 @@ class Cluster:
     def __init__(
         self,
         router: Router,
-        registry: Registry,
+        store: Store,
+        me: Holder,
+        ttl: float,
         peers: PeerChannels,
         secret: str | None,
         metrics: CollectorRegistry,
     ) -> None:
         self.router = router
-        self.registry = registry
+        self.registry = Registry(
+            store,
+            me,
+            ttl=ttl,
+            policy=router.policy,
+            on_superseded=router.supersede,
+            observe=self.observe,
+        )
         self.peers = peers
         self.secret = secret
         self.routes = Counter(
@@ -101,7 +123,7 @@ class Cluster:
             self.forwards.labels(result)
         for operation in REGISTRY_OPERATIONS:
             self.latency.labels(operation)
-        metrics.register(_RegistryUp(registry))
+        metrics.register(_RegistryUp(self.registry))
 
     def observe(self, operation: str, seconds: float) -> None:
         self.latency.labels(operation).observe(seconds)
@@ -245,3 +267,67 @@ class _RegistryUp(Collector):
                 value=1 if self._registry.up else 0,
             )
         ]
+
+
+class PeerListener:
+    """The peer listener (``--peer-listen``) and the router's cluster, from the settings.
+
+    Every setting is checked here, before anything starts: a bad address,
+    secret or certificate is a usage error (exit status 2).
+    """
+
+    def __init__(self, router: Router, settings: dict[str, Any]) -> None:
+        try:
+            from ._redis import RedisStore
+        except ModuleNotFoundError as exc:
+            raise UsageError(
+                f"--registry needs redis-py ({exc.name}): pip install 'grpclib-tunnel[router]'"
+            ) from None
+
+        secret = read_secret(settings["peer_secret_file"], PEER_SECRET_ENV, "--peer-secret-file")
+        cert, key, ca = settings["peer_tls_cert"], settings["peer_tls_key"], settings["peer_tls_ca"]
+        if secret is None and cert is None:
+            raise UsageError(
+                "--registry needs the routers to authenticate each other: "
+                f"--peer-secret-file (or ${PEER_SECRET_ENV}), or --peer-tls-cert/-key/-ca"
+            )
+        self._tls = server_context(cert, key, ca, flags="--peer-tls")
+        client_tls = client_context(bool(cert), ca, cert, key, flags="--peer-tls")
+        self._sock = listening_socket(settings["peer_listen"], "--peer-listen")
+        self.address = bound(self._sock)
+        advertise = settings["advertise"]
+        if advertise is None:
+            if self.address.host in ("0.0.0.0", "::"):
+                raise UsageError(
+                    f"--peer-listen {settings['peer_listen']}: say which address the other "
+                    "routers dial, with --advertise HOST:PORT"
+                )
+            advertise = self.address
+        elif advertise.port == 0:
+            advertise = Address(advertise.host, self.address.port)
+        store = RedisStore.from_url(
+            settings["registry"], password=os.environ.get(REGISTRY_PASSWORD_ENV) or None
+        )
+        cluster = Cluster(
+            router,
+            store,
+            Holder(settings["router_id"], str(advertise)),
+            settings["registry_ttl"],
+            PeerChannels(client_tls, router.drop),
+            secret,
+            router.registry,
+        )
+        router.join(cluster)
+        self.cluster = cluster
+        self._server = peer_server(router.meter.wrap(cluster.serve_peer), secret)
+        router.meter.listen_on(self._server)
+
+    async def start(self) -> None:
+        await self._server.start(sock=self._sock, ssl=self._tls)
+        self.cluster.registry.start()
+
+    def close(self) -> None:
+        self._server.close()
+
+    async def wait_closed(self) -> None:
+        await self._server.wait_closed()

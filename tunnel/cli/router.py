@@ -40,7 +40,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 import ssl
 import time
@@ -69,22 +68,14 @@ from ..proxy import Proxy
 from ..raw import RawMessage
 from ..reverse import ReverseChannel
 from ._admin import AdminServer, bound, listening_socket
-from ._config import Address, UsageError, read_secret
 from ._logs import event, setup_logging
 from ._metrics import CallMeter, TunnelTotals, statistics_of
-from ._settings import (
-    AGENT_INSTANCE_HEADER,
-    AGENT_KEY_HEADER,
-    PEER_SECRET_ENV,
-    REGISTRY_PASSWORD_ENV,
-    check_cluster,
-    tunnel_options,
-)
-from ._tls import client_context, server_context
+from ._settings import AGENT_INSTANCE_HEADER, AGENT_KEY_HEADER, check_cluster, tunnel_options
+from ._tls import server_context
 from ._tokens import TokenFile
 
 if TYPE_CHECKING:
-    from ._cluster import Cluster
+    from ._cluster import Cluster, PeerListener
 
 __all__ = ["Router", "run"]
 
@@ -527,9 +518,11 @@ async def run(settings: dict[str, Any]) -> int:
     grpc_sock = listening_socket(settings["listen"], "--listen")
     admin_sock = listening_socket(settings["admin"], "--admin") if settings["admin"] else None
     router = Router(settings, tokens)
-    peer: _PeerListener | None = None
+    peer: PeerListener | None = None
     if settings["registry"] is not None:
-        peer = _PeerListener(router, settings)
+        from ._cluster import PeerListener
+
+        peer = PeerListener(router, settings)
     server = router.server()
     admin = AdminServer(registry=router.registry, ready=router.ready, tunnels=router.tunnels)
     stop = asyncio.Event()
@@ -588,75 +581,3 @@ async def run(settings: dict[str, Any]) -> int:
             loop.remove_signal_handler(signum)
     event(log, "router_stopped", "router stopped")
     return 0
-
-
-class _PeerListener:
-    """The peer listener (``--peer-listen``) and the router's cluster, from the settings.
-
-    Every setting is checked here, before anything starts: a bad address,
-    secret or certificate is a usage error (exit status 2).
-    """
-
-    def __init__(self, router: Router, settings: dict[str, Any]) -> None:
-        from ._cluster import Cluster
-        from ._peers import PeerChannels, peer_server
-        from ._registry import Holder, Registry
-
-        try:
-            from ._redis import RedisStore
-        except ModuleNotFoundError as exc:
-            raise UsageError(
-                f"--registry needs redis-py ({exc.name}): pip install 'grpclib-tunnel[router]'"
-            ) from None
-
-        secret = read_secret(settings["peer_secret_file"], PEER_SECRET_ENV, "--peer-secret-file")
-        cert, key, ca = settings["peer_tls_cert"], settings["peer_tls_key"], settings["peer_tls_ca"]
-        if secret is None and cert is None:
-            raise UsageError(
-                "--registry needs the routers to authenticate each other: "
-                f"--peer-secret-file (or ${PEER_SECRET_ENV}), or --peer-tls-cert/-key/-ca"
-            )
-        self._tls = server_context(cert, key, ca, flags="--peer-tls")
-        client_tls = client_context(bool(cert), ca, cert, key, flags="--peer-tls")
-        self._sock = listening_socket(settings["peer_listen"], "--peer-listen")
-        self.address = bound(self._sock)
-        advertise = settings["advertise"]
-        if advertise is None:
-            if self.address.host in ("0.0.0.0", "::"):
-                raise UsageError(
-                    f"--peer-listen {settings['peer_listen']}: say which address the other "
-                    "routers dial, with --advertise HOST:PORT"
-                )
-            advertise = self.address
-        elif advertise.port == 0:
-            advertise = Address(advertise.host, self.address.port)
-        store = RedisStore.from_url(
-            settings["registry"], password=os.environ.get(REGISTRY_PASSWORD_ENV) or None
-        )
-        cluster: Cluster | None = None
-        registry = Registry(
-            store,
-            Holder(settings["router_id"], str(advertise)),
-            ttl=settings["registry_ttl"],
-            policy=router.policy,
-            on_superseded=router.supersede,
-            observe=lambda operation, seconds: (
-                cluster.observe(operation, seconds) if cluster is not None else None
-            ),
-        )
-        drop = router.drop
-        cluster = Cluster(router, registry, PeerChannels(client_tls, drop), secret, router.registry)
-        router.join(cluster)
-        self.cluster = cluster
-        self._server = peer_server(router.meter.wrap(cluster.serve_peer), secret)
-        router.meter.listen_on(self._server)
-
-    async def start(self) -> None:
-        await self._server.start(sock=self._sock, ssl=self._tls)
-        self.cluster.registry.start()
-
-    def close(self) -> None:
-        self._server.close()
-
-    async def wait_closed(self) -> None:
-        await self._server.wait_closed()
