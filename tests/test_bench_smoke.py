@@ -11,10 +11,29 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def quick_bench(tmp_path: Path, only: str, timeout: float) -> tuple[dict[str, Any], str]:
+    """``python -m benchmarks --quick --only=ONLY --no-uvloop``: its JSON and its output."""
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "benchmarks", "--quick", f"--only={only}", "--no-uvloop",
+            f"--json-out={out}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    data: dict[str, Any] = json.loads(out.read_text())
+    return data, done.stdout
 
 
 @pytest.mark.timeout(60)
@@ -103,26 +122,10 @@ def test_quick_router_bench_runs(tmp_path: Path) -> None:
 @pytest.mark.timeout(120)
 def test_quick_replicas_bench_runs(tmp_path: Path) -> None:
     """The replica rows: the peer hop against a local call, and the registry's load."""
-    out = tmp_path / "bench.json"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks",
-            "--quick",
-            "--only=replicas",
-            "--no-uvloop",
-            f"--json-out={out}",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=110,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    results = json.loads(out.read_text())["replicas"]["results"]
+    data, output = quick_bench(tmp_path, "replicas", 110)
+    results = data["replicas"]["results"]
     for route in ("local", "peer"):
         assert results["hop"][route]["unary_1"]["calls_per_s"] > 0
     registry = results["registry"]
     assert registry["refresh_ops_per_s"] > 0 and registry["lookup_p99_us"] > 0
-    assert "caller -> r1 -> r2 (peer hop)" in done.stdout
+    assert "caller -> r1 -> r2 (peer hop)" in output

@@ -224,6 +224,35 @@ async def four_call_kinds(stub: test_grpc.TestServiceStub, metadata: dict[str, s
     assert echoed == [b"ping 0", b"ping 1", b"ping 2"]
 
 
+async def metadata_both_ways(
+    stub: test_grpc.TestServiceStub, metadata: dict[str, str | bytes]
+) -> dict[str, bytes]:
+    """A call with text and binary headers, response headers and trailers, checked.
+
+    The backend echoes the request headers it received: they are returned,
+    for the caller to check what reached it (and what did not).
+    """
+    request = test_pb2.Message(
+        payload=b"md",
+        headers={"x-head-bin": "caf\u00e9".encode(), "x-head": b"text"},
+        trailers={"x-trail-bin": b"\x01\x02", "x-trail": b"end"},
+    )
+    metadata = {**metadata, "x-data-bin": "\u00fcber".encode(), "x-text": "plain"}
+    async with stub.Unary.open(metadata=metadata) as call:
+        await call.send_message(request, end=True)
+        reply = await call.recv_message()
+        await call.recv_trailing_metadata()
+    assert reply is not None
+    assert reply.headers["x-data-bin"] == "\u00fcber".encode()
+    assert reply.headers["x-text"] == b"plain"
+    assert call.initial_metadata is not None and call.trailing_metadata is not None
+    assert call.initial_metadata["x-head-bin"] == "caf\u00e9".encode()
+    assert call.initial_metadata["x-head"] == "text"
+    assert call.trailing_metadata["x-trail-bin"] == b"\x01\x02"
+    assert call.trailing_metadata["x-trail"] == "end"
+    return dict(reply.headers)
+
+
 def port_of(address: str) -> int:
     return int(address.rpartition(":")[2])
 
