@@ -12,6 +12,7 @@ nothing at all.  The property tests call ``check`` after every step, and
 from __future__ import annotations
 
 from collections.abc import Iterable
+from functools import partial
 from typing import Any
 
 import pytest
@@ -93,15 +94,15 @@ def failed_for_good(proto: Any, stream_ids: Iterable[int]) -> None:
     for stream_id in stream_ids:
         if client:
             sends = [
-                lambda: proto.send_message(stream_id, b"late"),
-                lambda: proto.half_close(stream_id),
+                partial(proto.send_message, stream_id, b"late"),
+                partial(proto.half_close, stream_id),
             ]
             proto.cancel(stream_id)
         else:
             sends = [
-                lambda: proto.send_headers(stream_id, ()),
-                lambda: proto.send_message(stream_id, b"late"),
-                lambda: proto.close_stream(stream_id, None),
+                partial(proto.send_headers, stream_id, ()),
+                partial(proto.send_message, stream_id, b"late"),
+                partial(proto.close_stream, stream_id, None),
             ]
         for send in sends:
             with pytest.raises(TunnelFailedError, match=r"^tunnel closed: "):
