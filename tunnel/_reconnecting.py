@@ -30,18 +30,16 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 import grpclib.client
-from grpclib.const import Cardinality, Status
+from grpclib.const import Status
 from grpclib.encoding.proto import ProtoCodec, ProtoStatusDetailsCodec
 from grpclib.exceptions import GRPCError
-from grpclib.metadata import Deadline
 
-from ._client_stream import TunnelClientStream
 from ._client_tunnel import ClientTunnel
 from ._retry import PERMANENT_STATUSES, MetadataSource, Retry, check_callback, resolve_metadata
-from ._seam import MetadataLike, become_channel, channel_codecs
+from ._seam import become_channel, channel_codecs
 from ._tasks import call_back, cancel_and_wait
 from ._tunnel import describe
-from .channel import TunnelChannel, open_tunnel
+from .channel import CallingChannel, CallTarget, TunnelChannel, open_tunnel
 from .options import TunnelOptions
 
 __all__ = ["ReconnectingTunnelChannel"]
@@ -61,7 +59,7 @@ class _State(enum.Enum):
     CLOSED = "closed"
 
 
-class ReconnectingTunnelChannel(grpclib.client.Channel):
+class ReconnectingTunnelChannel(CallingChannel):
     """A forward tunnel channel that reopens its tunnel when it drops.
 
     It opens its first tunnel on first use (a call, ``wait_ready()`` or
@@ -172,30 +170,8 @@ class ReconnectingTunnelChannel(grpclib.client.Channel):
                 raise GRPCError(Status.UNAVAILABLE, f"no tunnel open: {cause}")
             await self._changed.wait()
 
-    def request(
-        self,
-        name: str,
-        cardinality: Cardinality,
-        request_type: type[_SendType],
-        reply_type: type[_RecvType],
-        *,
-        timeout: float | None = None,
-        deadline: Deadline | None = None,
-        metadata: MetadataLike | None = None,
-    ) -> TunnelClientStream[_SendType, _RecvType]:
-        return TunnelClientStream.for_call(
-            self._acquire,
-            name,
-            cardinality,
-            request_type,
-            reply_type,
-            timeout=timeout,
-            deadline=deadline,
-            metadata=metadata,
-            codec=self._codec,
-            status_details_codec=self._status_details_codec,
-            dispatch=self.__dispatch__,
-        )
+    def _call_target(self) -> CallTarget:
+        return self._acquire, {}
 
     # -- keeping a tunnel open ---------------------------------------------------
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Generator
+from collections.abc import Awaitable, Callable, Generator
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -29,7 +29,6 @@ from ._client_stream import TunnelClientStream
 from ._client_tunnel import ClientTunnel
 from ._pb.tunnel_pb2 import ClientToServer, ServerToClient
 from ._seam import (
-    ChannelEvents,
     MetadataLike,
     become_channel,
     channel_codecs,
@@ -45,13 +44,58 @@ from ._wire import (
 )
 from .options import TunnelOptions
 
-__all__ = ["TunnelChannel", "open_tunnel"]
+__all__ = ["CallTarget", "CallingChannel", "TunnelChannel", "open_tunnel"]
 
 _SendType = TypeVar("_SendType")
 _RecvType = TypeVar("_RecvType")
 
 
-class TunnelChannel(grpclib.client.Channel):
+#: Where a call goes: a tunnel (or a function that finds one when the request
+#: goes out), and more keyword arguments for its stream.
+CallTarget = tuple[ClientTunnel | Callable[[], Awaitable[ClientTunnel]], dict[str, Any]]
+
+
+class CallingChannel(grpclib.client.Channel):
+    """What every channel of this package shares: ``request`` makes a tunneled call.
+
+    grpclib's ``Channel.__init__`` is deliberately not called by any of them
+    (they have no connection of their own: ``_seam.become_channel``).  Each
+    says where its next call goes (``_call_target``); ``request`` keeps
+    grpclib's exact signature, so every stub can call it.
+    """
+
+    def _call_target(self) -> CallTarget:
+        raise NotImplementedError
+
+    def request(
+        self,
+        name: str,
+        cardinality: Cardinality,
+        request_type: type[_SendType],
+        reply_type: type[_RecvType],
+        *,
+        timeout: float | None = None,
+        deadline: Deadline | None = None,
+        metadata: MetadataLike | None = None,
+    ) -> TunnelClientStream[_SendType, _RecvType]:
+        tunnel, more = self._call_target()
+        return TunnelClientStream.for_call(
+            tunnel,
+            name,
+            cardinality,
+            request_type,
+            reply_type,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+            codec=self._codec,
+            status_details_codec=self._status_details_codec,
+            dispatch=self.__dispatch__,
+            **more,
+        )
+
+
+class TunnelChannel(CallingChannel):
     """A channel whose calls all go to the one backend the tunnel reached."""
 
     # grpclib's Channel.__init__ is deliberately not called: it sets up a
@@ -105,60 +149,8 @@ class TunnelChannel(grpclib.client.Channel):
         """What this tunnel carried so far: see ``TunnelStatistics``."""
         return self._tunnel.statistics()
 
-    def request(
-        self,
-        name: str,
-        cardinality: Cardinality,
-        request_type: type[_SendType],
-        reply_type: type[_RecvType],
-        *,
-        timeout: float | None = None,
-        deadline: Deadline | None = None,
-        metadata: MetadataLike | None = None,
-    ) -> TunnelClientStream[_SendType, _RecvType]:
-        return self._call(
-            name,
-            cardinality,
-            request_type,
-            reply_type,
-            timeout=timeout,
-            deadline=deadline,
-            metadata=metadata,
-            dispatch=self.__dispatch__,
-        )
-
-    def _call(
-        self,
-        name: str,
-        cardinality: Cardinality,
-        request_type: type[_SendType],
-        reply_type: type[_RecvType],
-        *,
-        timeout: float | None,
-        deadline: Deadline | None,
-        metadata: MetadataLike | None,
-        dispatch: ChannelEvents,
-        pick_another: Callable[[], ClientTunnel | None] | None = None,
-    ) -> TunnelClientStream[_SendType, _RecvType]:
-        """A call on this tunnel whose client events go to ``dispatch``.
-
-        ``pick_another`` (from a pool) gives the call another tunnel if this
-        one refuses it before processing any of it.
-        """
-        return TunnelClientStream.for_call(
-            self._tunnel,
-            name,
-            cardinality,
-            request_type,
-            reply_type,
-            timeout=timeout,
-            deadline=deadline,
-            metadata=metadata,
-            codec=self._codec,
-            status_details_codec=self._status_details_codec,
-            dispatch=dispatch,
-            pick_another=pick_another,
-        )
+    def _call_target(self) -> CallTarget:
+        return self._tunnel, {}
 
     async def __connect__(self) -> Any:
         raise RuntimeError("a TunnelChannel has no connection of its own")

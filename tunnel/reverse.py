@@ -13,17 +13,15 @@ from __future__ import annotations
 from collections.abc import Hashable
 from typing import Any, TypeVar
 
-import grpclib.client
-from grpclib.const import Cardinality, Status
+from grpclib.const import Status
 from grpclib.encoding.proto import ProtoCodec, ProtoStatusDetailsCodec
 from grpclib.exceptions import GRPCError
-from grpclib.metadata import Deadline
 
-from ._client_stream import TunnelClientStream
 from ._client_tunnel import ClientTunnel
 from ._network_server import AffinityKey, TunnelCallback
 from ._pools import Pools
-from ._seam import MetadataLike, become_channel
+from ._seam import become_channel
+from .channel import CallingChannel, CallTarget
 
 __all__ = ["AffinityKey", "ReverseChannel", "TunnelCallback"]
 
@@ -31,7 +29,7 @@ _SendType = TypeVar("_SendType")
 _RecvType = TypeVar("_RecvType")
 
 
-class ReverseChannel(grpclib.client.Channel):
+class ReverseChannel(CallingChannel):
     """A pool of reverse tunnels used as one channel.
 
     Each call goes to the next ready tunnel, round-robin.  With no tunnel in
@@ -56,31 +54,11 @@ class ReverseChannel(grpclib.client.Channel):
         """Return as soon as the pool has a usable tunnel (bound it yourself)."""
         await self._pools.wait_ready(self._key)
 
-    def request(
-        self,
-        name: str,
-        cardinality: Cardinality,
-        request_type: type[_SendType],
-        reply_type: type[_RecvType],
-        *,
-        timeout: float | None = None,
-        deadline: Deadline | None = None,
-        metadata: MetadataLike | None = None,
-    ) -> TunnelClientStream[_SendType, _RecvType]:
+    def _call_target(self) -> CallTarget:
         channel = self._pools.pick(self._key)
         if channel is None:
             raise GRPCError(Status.UNAVAILABLE, f"no reverse tunnel {self._description}")
-        return channel._call(
-            name,
-            cardinality,
-            request_type,
-            reply_type,
-            timeout=timeout,
-            deadline=deadline,
-            metadata=metadata,
-            dispatch=self.__dispatch__,
-            pick_another=self._pick_tunnel,
-        )
+        return channel._tunnel, {"pick_another": self._pick_tunnel}
 
     def _pick_tunnel(self) -> ClientTunnel | None:
         """The next usable tunnel of the pool, for a call its first one refused."""
