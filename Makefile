@@ -27,7 +27,7 @@ help:
 	@echo "make proto        regenerate all generated code from proto/"
 	@echo "make proto-check  regenerate and fail if the committed generated code was stale"
 	@echo "make lint         ruff check + ruff format --check"
-	@echo "make typecheck    mypy --strict on tunnel/ (configured in pyproject.toml)"
+	@echo "make typecheck    mypy --strict on tunnel/ and tests/ (configured in pyproject.toml)"
 	@echo "make test         the whole test suite"
 	@echo "make check        lint, typecheck, proto-check and test"
 	@echo "make install-check build the wheel, pip install it into a fresh venv, run one forward and one reverse call"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import inspect
+from collections.abc import Callable
 
 import grpclib.client
 import pytest
@@ -13,9 +14,14 @@ from grpclib.const import Status
 import tunnel
 
 
-def parameters(func: object) -> list[tuple[str, str, object]]:
-    sig = inspect.signature(func)  # type: ignore[arg-type]
+def parameters(func: Callable[..., object]) -> list[tuple[str, str, object]]:
+    sig = inspect.signature(func)
     return [(p.name, p.kind.name, p.default) for p in sig.parameters.values()]
+
+
+def default(func: Callable[..., object], name: str) -> object:
+    """The default value of *func*'s parameter *name*."""
+    return inspect.signature(func).parameters[name].default
 
 
 def test_exports() -> None:
@@ -140,7 +146,7 @@ def test_reverse_tunnel_server_signature() -> None:
         (
             "permanent_statuses",
             "KEYWORD_ONLY",
-            tunnel.ReverseTunnelServer.serve_forever.__kwdefaults__["permanent_statuses"],
+            default(tunnel.ReverseTunnelServer.serve_forever, "permanent_statuses"),
         ),
         ("permanent_attempts", "KEYWORD_ONLY", 3),
         ("on_connected", "KEYWORD_ONLY", None),
@@ -162,12 +168,12 @@ def test_reconnecting_channel_signature() -> None:
         (
             "permanent_statuses",
             "KEYWORD_ONLY",
-            tunnel.ReverseTunnelServer.serve_forever.__kwdefaults__["permanent_statuses"],
+            default(tunnel.ReverseTunnelServer.serve_forever, "permanent_statuses"),
         ),
         ("permanent_attempts", "KEYWORD_ONLY", 3),
         ("on_tunnel_open", "KEYWORD_ONLY", None),
     ]
-    permanent = tunnel.ReconnectingTunnelChannel.__init__.__kwdefaults__["permanent_statuses"]
+    permanent = default(tunnel.ReconnectingTunnelChannel.__init__, "permanent_statuses")
     assert permanent == {Status.UNIMPLEMENTED, Status.UNAUTHENTICATED, Status.PERMISSION_DENIED}
 
 
@@ -197,10 +203,11 @@ def test_options_defaults_and_validation() -> None:
         {"max_metadata_size": 8 * 1024 * 1024},
     ):
         with pytest.raises(ValueError):
-            tunnel.TunnelOptions(**bad)  # type: ignore[arg-type]
+            tunnel.TunnelOptions(**bad)
     floor = tunnel.TunnelOptions(max_frame_size=64 * 1024 + 16_384 + 1024)
     assert floor.max_frame_size == 82_944
     with pytest.raises(dataclasses.FrozenInstanceError):
+        # Frozen: a misuse on purpose.
         options.disable_flow_control = True  # type: ignore[misc]
 
 

@@ -19,9 +19,11 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from google.protobuf.message import Message as ProtoMessage
+from grpclib.protocol import Peer
 from multidict import MultiDict
 
 import tunnel
+from tunnel._carrier import BatchSender
 from tunnel._client_tunnel import ClientTunnel
 from tunnel._pb.tunnel_pb2 import ClientToServer, ServerToClient
 from tunnel._server_tunnel import Handlers, ServerTunnel, TunnelInfo
@@ -40,8 +42,9 @@ class Broken(ConnectionError):
 class MemoryCarrier(Generic[In, Out]):
     """One end of an in-memory call; ``fail_*`` make the next operation fail."""
 
-    peer = None
-    send_batch = None
+    #: No connection under the call, and one frame per send.
+    peer: Peer | None = None
+    send_batch: BatchSender | None = None
 
     def __init__(
         self,

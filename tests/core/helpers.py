@@ -14,7 +14,7 @@ what the flow-control tests are about.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import TypeVar
+from typing import TypedDict, TypeVar, Unpack, cast
 
 from google.protobuf.empty_pb2 import Empty
 from google.protobuf.message import Message
@@ -35,6 +35,7 @@ from tunnel._pb.tunnel_pb2 import (
     MessageData,
     Metadata,
     NewStream,
+    ProtocolRevision,
     ServerToClient,
     Settings,
 )
@@ -153,7 +154,10 @@ class Pair:
         return stream_id
 
 
-def of_type(events: Iterable[Event], kind: type[Event]) -> list[Event]:
+E = TypeVar("E", bound=Event)
+
+
+def of_type(events: Iterable[Event], kind: type[E]) -> list[E]:
     return [e for e in events if isinstance(e, kind)]
 
 
@@ -166,28 +170,23 @@ def data_of(events: Iterable[Event], stream_id: int | None = None) -> bytes:
     )
 
 
-def only(events: Iterable[Event], kind: type[Event]) -> Event:
+def only(events: Iterable[Event], kind: type[E]) -> E:
+    events = list(events)
     matches = of_type(events, kind)
-    assert len(matches) == 1, f"expected one {kind.__name__}, got {list(events)}"
+    assert len(matches) == 1, f"expected one {kind.__name__}, got {events}"
     return matches[0]
 
 
 def ended(events: Iterable[Event]) -> StreamEnded:
-    event = only(events, StreamEnded)
-    assert isinstance(event, StreamEnded)
-    return event
+    return only(events, StreamEnded)
 
 
 def reset(events: Iterable[Event]) -> StreamReset:
-    event = only(events, StreamReset)
-    assert isinstance(event, StreamReset)
-    return event
+    return only(events, StreamReset)
 
 
 def opened(events: Iterable[Event]) -> StreamOpened:
-    event = only(events, StreamOpened)
-    assert isinstance(event, StreamOpened)
-    return event
+    return only(events, StreamOpened)
 
 
 def status(code: Status, message: str = "") -> StatusProto:
@@ -197,10 +196,23 @@ def status(code: Status, message: str = "") -> StatusProto:
 # -- hand-built frames ---------------------------------------------------------
 
 
+def as_revision(number: int) -> ProtocolRevision:
+    """*number* as a protocol revision, one that no peer knows included.
+
+    proto3 enums are open: any int32 goes on the wire, and protobuf's Python
+    API takes it.  The generated stub types the field with the closed enum
+    class, though, and these tests send unknown revisions on purpose.
+    """
+    return cast(ProtocolRevision, number)
+
+
 def settings(*revisions: int, window: int = 65_536, stream_id: int = -1) -> ServerToClient:
     return ServerToClient(
         stream_id=stream_id,
-        settings=Settings(supported_protocol_revisions=revisions, initial_window_size=window),
+        settings=Settings(
+            supported_protocol_revisions=[as_revision(r) for r in revisions],
+            initial_window_size=window,
+        ),
     )
 
 
@@ -221,7 +233,7 @@ def new_stream(
             method_name=method,
             request_headers=md,
             initial_window_size=window,
-            protocol_revision=revision,  # type: ignore[arg-type]
+            protocol_revision=as_revision(revision),
         ),
     )
 
@@ -281,19 +293,35 @@ def server_window_update(stream_id: int, n: int) -> ServerToClient:
     return ServerToClient(stream_id=stream_id, window_update=n)
 
 
+class ClientSettings(TypedDict, total=False):
+    """The keyword arguments of ``TunnelClientProtocol`` a test may set."""
+
+    disable_flow_control: bool
+    max_receive_message_length: int
+    max_metadata_size: int
+    initial_window_size: int
+
+
+class ServerSettings(ClientSettings, total=False):
+    """The keyword arguments of ``TunnelServerProtocol`` a test may set."""
+
+    fallback: Cardinality | None
+    max_concurrent_streams: int | None
+
+
 def negotiated_server(
-    methods: Mapping[str, Cardinality] = METHODS, **kwargs: object
+    methods: Mapping[str, Cardinality] = METHODS, **options: Unpack[ServerSettings]
 ) -> TunnelServerProtocol:
     """A tunnel server whose Settings frame has already been written."""
-    server = TunnelServerProtocol(methods, peer_negotiates=True, **kwargs)  # type: ignore[arg-type]
+    server = TunnelServerProtocol(methods, peer_negotiates=True, **options)
     first = server.next_frame()
     assert first is not None and first.WhichOneof("frame") == "settings"
     return server
 
 
-def negotiated_client(**kwargs: object) -> TunnelClientProtocol:
+def negotiated_client(**options: Unpack[ClientSettings]) -> TunnelClientProtocol:
     """A tunnel client that has received the reference's Settings frame."""
-    client = TunnelClientProtocol(peer_negotiates=True, **kwargs)  # type: ignore[arg-type]
+    client = TunnelClientProtocol(peer_negotiates=True, **options)
     client.receive_frame(settings(0, 1))
     return client
 

@@ -46,7 +46,7 @@ def test_a_fallback_stream_takes_any_number_of_messages_both_ways() -> None:
     server.receive_frame(new_stream(1, "/no.Such/Method"))
     events = [*server.receive_frame(request(1, b"a")), *server.receive_frame(request(1, b"b"))]
     events += server.receive_frame(half_close(1))
-    assert [e.data for e in of_type(events, DataReceived)] == [b"a", b"b"]  # type: ignore[attr-defined]
+    assert [e.data for e in of_type(events, DataReceived)] == [b"a", b"b"]
     assert len(of_type(events, HalfClosed)) == 1
     server.send_message(1, b"x")
     server.send_message(1, b"y")

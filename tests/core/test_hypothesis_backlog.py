@@ -15,7 +15,6 @@ from hypothesis import strategies as st
 
 from tests.core.helpers import BIDI, METHODS, Pair, wire
 from tunnel._core import TunnelClientProtocol, TunnelServerProtocol
-from tunnel._core.connection import Connection
 from tunnel._core.events import DataReceived, StreamOpened
 from tunnel._core.states import ResponseState
 
@@ -30,19 +29,19 @@ ACTIONS = st.lists(
 )
 
 
-def true_backlog(end: Connection[object]) -> int:  # type: ignore[type-var]
+def true_backlog(end: TunnelClientProtocol | TunnelServerProtocol) -> int:
     finishing = sum(1 for s in end._streams.values() if s.response is ResponseState.OVER)
     return len(end._control) + finishing
 
 
-def true_active(end: Connection[object]) -> int:  # type: ignore[type-var]
+def true_active(end: TunnelClientProtocol | TunnelServerProtocol) -> int:
     return sum(1 for s in end._streams.values() if s.response is not ResponseState.OVER)
 
 
 def check(pair: Pair) -> None:
     for end in (pair.client, pair.server):
-        assert end.backlog() == true_backlog(end)  # type: ignore[arg-type]
-        assert end.active_streams == true_active(end)  # type: ignore[arg-type]
+        assert end.backlog() == true_backlog(end)
+        assert end.active_streams == true_active(end)
         assert 0 <= end.streams_in_use <= end.active_streams
     limit = pair.server.max_concurrent_streams
     assert limit is None or pair.server.active_streams <= limit

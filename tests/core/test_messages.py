@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Unpack
+
 import pytest
 from grpclib.const import Status
 
-from tunnel._core import TunnelClientProtocol
-from tunnel._core.events import DataReceived, StreamEnded
+from tunnel._core import TunnelClientProtocol, TunnelServerProtocol
+from tunnel._core.events import DataReceived, Event, StreamEnded
 from tunnel._pb.tunnel_pb2 import ClientToServer, ServerToClient
 from tunnel.errors import LocalProtocolError, RemoteProtocolError
 
@@ -17,6 +19,7 @@ from .helpers import (
     SERVER_STREAM,
     UNARY,
     Pair,
+    ServerSettings,
     close,
     data_of,
     drain_client,
@@ -125,13 +128,13 @@ def test_zero_length_message_goes_out_even_with_a_closed_window() -> None:
 # -- reassembly errors (server side) ------------------------------------------------
 
 
-def open_server(method: str = BIDI, **kwargs: object):  # type: ignore[no-untyped-def]
-    server = negotiated_server(**kwargs)
+def open_server(method: str = BIDI, **options: Unpack[ServerSettings]) -> TunnelServerProtocol:
+    server = negotiated_server(**options)
     server.receive_frame(new_stream(1, method))
     return server
 
 
-def assert_stream_failed(server, events, code: Status) -> None:  # type: ignore[no-untyped-def]
+def assert_stream_failed(server: TunnelServerProtocol, events: list[Event], code: Status) -> None:
     assert reset(events).code == code.value
     frames = drain_server(server)
     assert frames[-1].close_stream.status.code == code.value

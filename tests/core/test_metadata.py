@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from grpclib.const import Status
 
+from tunnel._core.events import HeadersReceived
 from tunnel._core.metadata import MetadataError
 
 from .helpers import (
@@ -90,7 +91,9 @@ def test_binary_values_arrive_as_bytes() -> None:
     pair.server.send_headers(stream_id, [("x-h-bin", "\u00e9".encode())])
     pair.server.close_stream(stream_id, None, [("x-t-bin", b"\x7f")])
     client_events, _ = pair.pump()
-    assert client_events[0].metadata == (("x-h-bin", b"\xc3\xa9"),)  # type: ignore[union-attr]
+    headers = client_events[0]
+    assert isinstance(headers, HeadersReceived)
+    assert headers.metadata == (("x-h-bin", b"\xc3\xa9"),)
     assert ended(client_events).trailers == (("x-t-bin", b"\x7f"),)
 
 
@@ -116,7 +119,8 @@ def test_non_utf8_response_header_raises_and_queues_nothing() -> None:
     # The app fails the call instead; the client sees a status, the tunnel lives.
     pair.server.close_stream(stream_id, status(Status.INTERNAL, "bad header"))
     client_events, _ = pair.pump()
-    assert ended(client_events).status.code == Status.INTERNAL.value  # type: ignore[union-attr]
+    end = ended(client_events)
+    assert end.status is not None and end.status.code == Status.INTERNAL.value
     assert pair.open(UNARY) == stream_id + 1
 
 
@@ -128,7 +132,8 @@ def test_non_utf8_trailer_raises_and_the_stream_can_close_again() -> None:
     assert drain_server(pair.server) == []
     pair.server.close_stream(stream_id, status(Status.INTERNAL, "bad trailer"))
     client_events, _ = pair.pump()
-    assert ended(client_events).status.code == Status.INTERNAL.value  # type: ignore[union-attr]
+    end = ended(client_events)
+    assert end.status is not None and end.status.code == Status.INTERNAL.value
 
 
 def test_oversize_request_metadata_is_refused_on_send() -> None:

@@ -28,7 +28,10 @@ def test_server_sends_settings_on_stream_minus_one_first() -> None:
     assert frames == [
         ServerToClient(
             stream_id=-1,
-            settings=Settings(supported_protocol_revisions=[0, 1], initial_window_size=65_536),
+            settings=Settings(
+                supported_protocol_revisions=[REVISION_ZERO, REVISION_ONE],
+                initial_window_size=65_536,
+            ),
         )
     ]
 

@@ -26,6 +26,7 @@ rendering.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from grpclib.const import Cardinality, Status
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from tunnel._core import TunnelClientProtocol, TunnelServerProtocol
 from tunnel._core.connection import RULES
 from tunnel._core.events import (
     DataReceived,
@@ -145,7 +147,7 @@ def test_the_compiled_rules_follow_the_table() -> None:
             (REQUEST, request_rules, not cardinality.value.client_streaming),
             (RESPONSE, response_rules, not cardinality.value.server_streaming),
         ):
-            for (state, input_), row in table.items():  # type: ignore[attr-defined]
+            for (state, input_), row in table.items():
                 want = row.unary if unary and row.unary is not None else row.outcome
                 assert rules[state][input_] is want
             unreachable = sum(isinstance(cell, Unreachable) for line in rules for cell in line)
@@ -209,6 +211,7 @@ class Side:
 
 
 def new_side(cardinality: Cardinality, *, client: bool, flow_control: bool) -> Side:
+    proto: TunnelClientProtocol | TunnelServerProtocol
     if client:
         proto = negotiated_client(disable_flow_control=not flow_control)
         assert proto.open_stream(METHOD_OF[cardinality], (), cardinality) == SID
@@ -303,7 +306,7 @@ def receive_message(side: Side, *, partial: bool) -> None:
     side.in_message = partial
 
 
-FRAMES = {
+FRAMES: dict[Input, Callable[[], ClientToServer | ServerToClient]] = {
     Input.RECV_REQUEST_MESSAGE: lambda: request(SID, b"q"),
     Input.RECV_MORE_REQUEST_DATA: lambda: more_request(SID, b"y"),
     Input.RECV_HALF_CLOSE: lambda: half_close(SID),
@@ -400,7 +403,9 @@ def apply_kind(side: Side, input_: Input) -> str:
         return "empty"
     if input_ is Input.RECV_WINDOW_UPDATE:
         return "window_update"
-    return FRAMES[input_]().WhichOneof("frame")
+    kind: str | None = FRAMES[input_]().WhichOneof("frame")
+    assert kind is not None
+    return kind
 
 
 def check_reset(side: Side, reset: Reset, result: Any) -> None:

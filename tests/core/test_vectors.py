@@ -350,7 +350,13 @@ def replay_client(t: Transcript) -> None:
     assert_no_window_update_after_end(ours)
 
 
-@pytest.fixture(params=transcripts() or [pytest.param("missing", marks=pytest.mark.skip)])
+#: One parameter per transcript (or one skipped stand-in when shared/ is missing).
+TRANSCRIPT_PARAMS: list[object] = [*transcripts()] or [
+    pytest.param("missing", marks=pytest.mark.skip)
+]
+
+
+@pytest.fixture(params=TRANSCRIPT_PARAMS)
 def transcript(request: pytest.FixtureRequest) -> Transcript:
     return load(request.param)
 

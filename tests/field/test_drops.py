@@ -11,6 +11,7 @@ naming the cause, with ``error`` set; CANCELLED is only for the owner's own
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 
 import grpclib.client
 import pytest
@@ -27,6 +28,7 @@ from tests.integration.support import (
     serving,
 )
 from tests.reverse.support import Device, device_server, router, who
+from tunnel import _seam
 from tunnel.testing._pb import grpchantesting
 from tunnel.testing._pb.grpchantesting import Message
 from tunnel.testing.service import TestService
@@ -35,11 +37,11 @@ from tunnel.testing.service import TestService
 AT_ONCE = 2.0
 
 
-async def fails_at_once(call: asyncio.Future[object] | object) -> GRPCError:
-    """Await *call* (a coroutine); it must raise a GRPCError within ``AT_ONCE``."""
+async def fails_at_once(call: Awaitable[object]) -> GRPCError:
+    """Await *call* (a coroutine or a task); it must raise a GRPCError within ``AT_ONCE``."""
     with pytest.raises(GRPCError) as exc_info:
         async with asyncio.timeout(AT_ONCE):
-            await call  # type: ignore[misc]
+            await call
     return exc_info.value
 
 
@@ -87,8 +89,8 @@ async def test_forward_calls_started_while_the_tunnel_ends_all_end() -> None:
             await asyncio.sleep(0)
             direct.close()
             async with asyncio.timeout(AT_ONCE * 5):
-                results = await asyncio.gather(first, *racers)
-            outcomes = [results[0], *(o for batch in results[1:] for o in batch)]
+                first_outcome, batches = await asyncio.gather(first, asyncio.gather(*racers))
+            outcomes = [first_outcome, *(o for batch in batches for o in batch)]
             # Calls that began before the drop may have reached the handler;
             # every one of them ends, and those after it fail UNAVAILABLE.
             ended = [o for o in outcomes if isinstance(o, GRPCError)]
@@ -142,8 +144,7 @@ async def test_reverse_retry_right_after_the_connection_drops(how: str) -> None:
                 if how == "device channel closed":
                     direct.close()
                 else:
-                    for connection in r.connections:
-                        connection.connection.close()
+                    _seam.drop_connections(r.connections)
                 first = await fails_at_once(blocked)
                 retries = [await fails_at_once(stub.unary(Message())) for _ in range(20)]
                 for error in (first, *retries):

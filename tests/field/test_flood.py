@@ -29,7 +29,7 @@ from grpclib.const import Cardinality
 import tunnel
 from tests.field.test_processes import network_server, reached
 from tests.reverse.support import who
-from tunnel._pb.tunnel_pb2 import ClientToServer, Metadata, NewStream, ServerToClient
+from tunnel._pb.tunnel_pb2 import REVISION_ONE, ClientToServer, Metadata, NewStream, ServerToClient
 from tunnel._wire import NEGOTIATE_HEADER, OPEN_TUNNEL
 
 STREAMS = 1_000_000
@@ -73,7 +73,7 @@ async def flood(port: int, sent: list[int], method: str = SERVED) -> None:
                             method_name=method,
                             request_headers=Metadata(),
                             initial_window_size=65_536,
-                            protocol_revision=1,  # type: ignore[arg-type]
+                            protocol_revision=REVISION_ONE,
                         ),
                     )
                 )

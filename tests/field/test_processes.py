@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 
 import grpclib.client
@@ -88,7 +88,7 @@ async def test_forward_call_ends_when_the_server_is_killed() -> None:
             async with tunnel.open_tunnel(direct) as channel:
                 assert await who(channel) == "server"
                 call = await reached(channel)
-                blocked = asyncio.create_task(anext(call))
+                blocked = asyncio.ensure_future(anext(call))
                 killed = time.monotonic()
                 server.kill()
                 with pytest.raises(GRPCError) as exc_info:
@@ -114,7 +114,7 @@ async def test_reverse_call_ends_when_the_device_is_killed() -> None:
             await pool.wait_ready()
         assert await who(pool) == "kitchen"
         call = await reached(pool)
-        blocked = asyncio.create_task(anext(call))
+        blocked = asyncio.ensure_future(anext(call))
         killed = time.monotonic()
         device.kill()
         with pytest.raises(GRPCError) as exc_info:
@@ -165,11 +165,16 @@ async def test_reconnecting_channel_comes_back_after_the_server_restarts() -> No
                 direct.close()
 
 
-async def reached(channel: grpclib.client.Channel) -> AsyncIterator[grpchantesting.Message]:
+async def reached(
+    channel: grpclib.client.Channel,
+) -> AsyncGenerator[grpchantesting.Message, None]:
     """A call that blocks in the peer's handler, once it is known to be there."""
     stream = grpchantesting.TestServiceStub(channel).server_stream(
         grpchantesting.Message(payload=b"block")
     )
+    # betterproto's stub is an async generator (which a test may close) but
+    # declares only AsyncIterator.
+    assert isinstance(stream, AsyncGenerator)
     first = await anext(stream)
     assert first.payload
     return stream

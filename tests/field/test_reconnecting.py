@@ -22,9 +22,9 @@ from grpclib.exceptions import GRPCError
 
 import tunnel
 from tests.integration.support import Blocking, call_until_it_ends
-from tests.reverse.support import PROMPT, TEST_TIMEOUT, Device, Router, router, who
+from tests.reverse.support import PROMPT, TEST_TIMEOUT, Backoff, Device, Router, router, who
 
-BACKOFF = {"min_backoff": 0.02, "max_backoff": 0.1, "jitter": 0.2}
+BACKOFF: Backoff = {"min_backoff": 0.02, "max_backoff": 0.1, "jitter": 0.2}
 
 
 @asynccontextmanager
@@ -173,7 +173,7 @@ async def test_nothing_happens_before_first_use() -> None:
         try:
             channel = tunnel.ReconnectingTunnelChannel(direct)
             assert channel.tunnel is None and channel.tunnels_opened == 0
-            assert net.connections == []
+            assert len(net.connections) == 0
             assert await who(channel) == "backend"  # the first call opens it
             assert channel.tunnels_opened == 1
             await channel.aclose()

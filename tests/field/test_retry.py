@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Collection
+from typing import TypedDict, Unpack
 
 import pytest
 from grpclib.const import Status
@@ -11,17 +13,26 @@ from grpclib.exceptions import GRPCError
 from tunnel._retry import PERMANENT_STATUSES, Retry, resolve_metadata
 
 
-def retry(**overrides: object) -> Retry:
-    settings: dict[str, object] = {
-        "min_backoff": 0.1,
-        "max_backoff": 1.0,
-        "jitter": 0.0,
-        "stable_after": 5.0,
-        "permanent_statuses": PERMANENT_STATUSES,
-        "permanent_attempts": 3,
-    }
-    settings.update(overrides)
-    return Retry(**settings)  # type: ignore[arg-type]
+class RetrySettings(TypedDict, total=False):
+    """``Retry``'s keyword arguments, any of them."""
+
+    min_backoff: float
+    max_backoff: float
+    jitter: float
+    stable_after: float
+    permanent_statuses: Collection[Status]
+    permanent_attempts: int
+
+
+def retry(**overrides: Unpack[RetrySettings]) -> Retry:
+    return Retry(
+        min_backoff=overrides.get("min_backoff", 0.1),
+        max_backoff=overrides.get("max_backoff", 1.0),
+        jitter=overrides.get("jitter", 0.0),
+        stable_after=overrides.get("stable_after", 5.0),
+        permanent_statuses=overrides.get("permanent_statuses", PERMANENT_STATUSES),
+        permanent_attempts=overrides.get("permanent_attempts", 3),
+    )
 
 
 def test_backoff_doubles_up_to_the_maximum() -> None:
@@ -88,7 +99,7 @@ def test_which_statuses_are_permanent_is_configurable() -> None:
         {"permanent_attempts": 0},
     ],
 )
-def test_bad_settings_are_refused(bad: dict[str, object]) -> None:
+def test_bad_settings_are_refused(bad: RetrySettings) -> None:
     with pytest.raises(ValueError):
         retry(**bad)
 

@@ -230,6 +230,7 @@ async def test_metadata_callable_is_called_for_every_attempt() -> None:
 
 
 def test_callbacks_that_cannot_be_called_are_refused_where_given() -> None:
+    # Each callback here is not callable: bad input on purpose.
     with pytest.raises(TypeError, match="on_reverse_tunnel_open"):
         tunnel.TunnelServiceHandler(on_reverse_tunnel_open="not a function")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="affinity_key"):
@@ -246,6 +247,7 @@ async def test_serve_forever_refuses_callbacks_that_cannot_be_called() -> None:
         device_server(channel, [Device("dev")]) as running,
     ):
         with pytest.raises(TypeError, match="on_connected"):
+            # Not callable: bad input on purpose.
             await running.server.serve_forever(on_connected="nope")  # type: ignore[arg-type]
 
 

@@ -191,6 +191,7 @@ async def test_metadata_grpclib_refuses_raises_as_grpclib_does(
 ) -> None:
     async with asyncio.timeout(TEST_TIMEOUT):
         with pytest.raises(raised) as refused:
+            # Metadata grpclib refuses: bad input on purpose.
             await Stub(channel).unary(Message(), metadata=metadata)  # type: ignore[arg-type]
         assert not isinstance(refused.value, tunnel.TunnelError)
         # Only that call failed.

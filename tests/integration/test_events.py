@@ -174,7 +174,8 @@ async def test_server_listener_identity_and_current_tunnel_inside_handlers() -> 
         assert info.metadata.get("authorization") == "Bearer alice-token"
         assert info.peer is not None and peer is not None
         # The server sees our end of the connection: its address is our local one.
-        assert info.peer.addr()[0] == "127.0.0.1"
+        address = info.peer.addr()
+        assert address is not None and address[0] == "127.0.0.1"
 
         # The same listener refuses a tunnel without credentials.
         try:

@@ -36,6 +36,8 @@ from tests.integration.hostile import (
 from tests.integration.support import TEST_TIMEOUT, connected, serving, tunnel_over
 from tunnel._core.flow import MAX_CHUNK
 from tunnel._pb.tunnel_pb2 import (
+    REVISION_ONE,
+    REVISION_ZERO,
     ClientToServer,
     Metadata,
     NewStream,
@@ -63,7 +65,9 @@ def test_the_hand_made_frame_is_one_byte_over() -> None:
 def settings_frame() -> ServerToClient:
     return ServerToClient(
         stream_id=-1,
-        settings=Settings(supported_protocol_revisions=[0, 1], initial_window_size=65_536),
+        settings=Settings(
+            supported_protocol_revisions=[REVISION_ZERO, REVISION_ONE], initial_window_size=65_536
+        ),
     )
 
 
@@ -83,7 +87,9 @@ def new_stream_of_size(stream_id: int, size: int) -> ClientToServer:
         md.md["x-big"].val.append("v" * n)
         return ClientToServer(
             stream_id=stream_id,
-            new_stream=NewStream(method_name=UNARY, request_headers=md, protocol_revision=1),
+            new_stream=NewStream(
+                method_name=UNARY, request_headers=md, protocol_revision=REVISION_ONE
+            ),
         )
 
     frame = of_size(size, make)

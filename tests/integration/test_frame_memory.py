@@ -19,6 +19,7 @@ import asyncio
 import json
 import os
 import sys
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ from tests.integration.hostile import (
     write_frame,
 )
 from tests.integration.support import connected, serving
-from tunnel._pb.tunnel_pb2 import ServerToClient, Settings
+from tunnel._pb.tunnel_pb2 import REVISION_ONE, REVISION_ZERO, ServerToClient, Settings
 from tunnel.options import TunnelOptions
 
 CHILD = Path(__file__).with_name("frame_memory_child.py")
@@ -133,7 +134,10 @@ async def attack_client(role: str, checkout: Path | None) -> Figures:
 
     async def behave(stream: grpclib.server.Stream[Any, Any]) -> None:
         if role == "forward-client":
-            settings = Settings(supported_protocol_revisions=[0, 1], initial_window_size=65_536)
+            settings = Settings(
+                supported_protocol_revisions=[REVISION_ZERO, REVISION_ONE],
+                initial_window_size=65_536,
+            )
             await write_frame(stream, ServerToClient(stream_id=-1, settings=settings))
         await write_big_frame(stream, FRAME)
 
@@ -148,7 +152,8 @@ async def attack_client(role: str, checkout: Path | None) -> Figures:
     return Figures(end, first["rss_kib"], last["hwm_kib"], last["outcome"])
 
 
-ATTACKS = {
+#: The attack on each end, given the checkout to import ``tunnel`` from.
+ATTACKS: dict[str, Callable[[Path | None], Awaitable[Figures]]] = {
     "forward-server": lambda checkout: attack_server(OPEN_TUNNEL, checkout),
     "reverse-server": lambda checkout: attack_server(OPEN_REVERSE_TUNNEL, checkout),
     "forward-client": lambda checkout: attack_client("forward-client", checkout),

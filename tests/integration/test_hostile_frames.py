@@ -42,6 +42,8 @@ from tests.integration.support import (
 from tunnel import _violations
 from tunnel._core.framing import frame_prefix
 from tunnel._pb.tunnel_pb2 import (
+    REVISION_ONE,
+    REVISION_ZERO,
     ClientToServer,
     MessageData,
     Metadata,
@@ -82,7 +84,7 @@ def unary_frames(stream_id: int, headers: dict[str, list[str]]) -> list[ClientTo
                 method_name=UNARY,
                 request_headers=md,
                 initial_window_size=65_536,
-                protocol_revision=1,
+                protocol_revision=REVISION_ONE,
             ),
         ),
         ClientToServer(stream_id=stream_id, request_message=MessageData(size=len(data), data=data)),
@@ -142,7 +144,9 @@ async def test_request_metadata_no_http2_peer_could_send_fails_before_the_handle
 
 async def test_response_metadata_no_http2_peer_could_send_fails_the_call() -> None:
     async def behave(stream: grpclib.server.Stream[Any, Any]) -> None:
-        settings = Settings(supported_protocol_revisions=[0, 1], initial_window_size=65_536)
+        settings = Settings(
+            supported_protocol_revisions=[REVISION_ZERO, REVISION_ONE], initial_window_size=65_536
+        )
         await stream.send_message(ServerToClient(stream_id=-1, settings=settings))
         answers: list[ServerToClient] = []
         headers = ServerToClient(stream_id=1)
@@ -267,7 +271,9 @@ def test_rate_limited_log_says_how_many_lines_it_left_out(
 
 async def test_undecodable_frame_ends_a_forward_client_tunnel() -> None:
     async def behave(stream: grpclib.server.Stream[Any, Any]) -> None:
-        settings = Settings(supported_protocol_revisions=[0, 1], initial_window_size=65_536)
+        settings = Settings(
+            supported_protocol_revisions=[REVISION_ZERO, REVISION_ONE], initial_window_size=65_536
+        )
         await write_frame(stream, ServerToClient(stream_id=-1, settings=settings))
         await stream.recv_message()  # the call's new_stream
         await write_raw(stream, frame_prefix(len(BAD_PROTOBUF)) + BAD_PROTOBUF)

@@ -19,7 +19,14 @@ from tests.integration.support import (
     serving,
     tunnel_over,
 )
-from tunnel._pb.tunnel_pb2 import ClientToServer, Metadata, ServerToClient, Settings
+from tunnel._pb.tunnel_pb2 import (
+    REVISION_ONE,
+    REVISION_ZERO,
+    ClientToServer,
+    Metadata,
+    ServerToClient,
+    Settings,
+)
 from tunnel.testing import TestService
 
 
@@ -71,8 +78,16 @@ async def test_no_settings_fails_within_negotiation_timeout() -> None:
     "first",
     [
         ServerToClient(stream_id=1, response_headers=Metadata()),
-        ServerToClient(stream_id=0, settings=Settings(supported_protocol_revisions=[0, 1])),
-        ServerToClient(stream_id=-1, settings=Settings(supported_protocol_revisions=[7])),
+        ServerToClient(
+            stream_id=0,
+            settings=Settings(supported_protocol_revisions=[REVISION_ZERO, REVISION_ONE]),
+        ),
+        # A revision no peer knows: bad input on purpose (proto3 enums are
+        # open on the wire, the generated stub's type is not).
+        ServerToClient(
+            stream_id=-1,
+            settings=Settings(supported_protocol_revisions=[7]),  # type: ignore[list-item]
+        ),
     ],
     ids=["not-settings", "settings-on-a-stream", "no-common-revision"],
 )

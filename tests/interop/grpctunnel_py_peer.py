@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, wrappers_pb2
+from google.protobuf import wrappers_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -56,21 +56,14 @@ from tests.stubs.pb.test_pb2 import Message
 SERVICE = "grpchantesting.TestService"
 KEY_HEADER = "test-client-key"
 
-# -- TriggerTestRPCsRequest, built at run time (no generated code for it here) -------
 
-_pool = descriptor_pool.DescriptorPool()
-_file = descriptor_pb2.FileDescriptorProto(name="peer/testing.proto", syntax="proto3")
-_request = _file.message_type.add(name="TriggerTestRPCsRequest")
-_request.field.add(
-    name="client_key",
-    number=1,
-    type=descriptor_pb2.FieldDescriptorProto.TYPE_STRING,
-    label=descriptor_pb2.FieldDescriptorProto.LABEL_OPTIONAL,
-)
-_pool.Add(_file)
-TriggerRequest = message_factory.GetMessageClass(
-    _pool.FindMessageTypeByName("TriggerTestRPCsRequest")
-)
+def _client_key(request: bytes) -> str:
+    """The ``client_key`` of a serialized ``TriggerTestRPCsRequest``.
+
+    There is no generated code for that message here, but its one field
+    (``string client_key = 1``) has the wire form of ``StringValue``'s.
+    """
+    return wrappers_pb2.StringValue.FromString(request).value
 
 
 # -- the test service, on grpctunnel-py's handler API ----------------------------------
@@ -228,7 +221,7 @@ def _reply(message: Any) -> dict[str, Any]:
 def _failure(exc: grpc.aio.AioRpcError) -> dict[str, Any]:
     details: list[str] = []
     for key, value in exc.trailing_metadata() or ():
-        if key == "grpc-status-details-bin":
+        if key == "grpc-status-details-bin" and isinstance(value, bytes):
             status = status_pb2.Status.FromString(value)
             details = [d.type_url for d in status.details]
     return {
@@ -357,7 +350,7 @@ async def mode_server(port: int, options: TunnelOptions) -> None:
     register_test_service(handler)
 
     async def trigger(request_bytes: bytes, context: Any) -> bytes:
-        key = TriggerRequest.FromString(request_bytes).client_key
+        key = _client_key(request_bytes)
         channel = handler.key_as_channel(key)
         if not await channel.wait_for_ready(1.0):
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "no reverse tunnel")

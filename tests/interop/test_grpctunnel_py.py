@@ -34,7 +34,7 @@ import importlib.util
 import json
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -78,10 +78,10 @@ PEER_BUG_ONE_TUNNEL = (
 )
 
 
-def in_thread(coro: Callable[[], Awaitable[T]]) -> T:
+def in_thread(coro: Callable[[], Coroutine[Any, Any, T]]) -> T:
     """Run *coro* to completion on a fresh event loop in a worker thread."""
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, coro()).result(timeout=120)  # type: ignore[arg-type]
+        return pool.submit(asyncio.run, coro()).result(timeout=120)
 
 
 async def run_cases(channel: grpclib.client.Channel) -> dict[str, Any]:
@@ -197,7 +197,8 @@ def peer_client_results(request: pytest.FixtureRequest) -> dict[str, Any]:
             cwd=ROOT,
         )
     assert done.returncode == 0, done.stderr
-    return peer_results(done.stdout)["results"]  # type: ignore[no-any-return]
+    results: dict[str, Any] = peer_results(done.stdout)["results"]
+    return results
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
@@ -299,7 +300,7 @@ def conformance_via_peer_server(request: pytest.FixtureRequest) -> dict[str, Any
 def conformance_via_peer_reverse(request: pytest.FixtureRequest) -> dict[str, Any]:
     nofc: bool = request.param
     options = tunnel.TunnelOptions(disable_flow_control=nofc)
-    key = f"peer-{request.param_index}"
+    key = f"peer-{'nofc' if nofc else 'fc'}"
 
     async def run() -> dict[str, Any]:
         handler = tunnel.TunnelServiceHandler(

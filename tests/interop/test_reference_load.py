@@ -440,7 +440,7 @@ def recorded(monkeypatch: pytest.MonkeyPatch) -> list[ClientToServer | ServerToC
 @dataclass
 class CarryingCall:
     method: str
-    metadata: dict[str, str]
+    metadata: dict[str, str | bytes]
 
 
 @pytest.mark.parametrize("direction", TRANSCRIPT)
@@ -473,12 +473,13 @@ async def test_our_programs_send_and_answer_like_the_reference(
     # The same carrying calls, with the same protocol-relevant headers.
     assert sorted(c.method for c in calls) == sorted(ref.calls.values())
     for call in calls:
-        theirs = ref.request_headers[call.method]
+        their_headers = ref.request_headers[call.method]
         if call.method in (OPEN_TUNNEL, OPEN_REVERSE_TUNNEL):
-            assert call.metadata.get(NEGOTIATE) == theirs[NEGOTIATE][0] == "on"
+            assert call.metadata.get(NEGOTIATE) == their_headers[NEGOTIATE][0] == "on"
         if call.method == OPEN_REVERSE_TUNNEL:
-            assert KEY.fullmatch(call.metadata[CLIENT_KEY_HEADER])
-            assert KEY.fullmatch(theirs[CLIENT_KEY_HEADER][0])
+            key = call.metadata[CLIENT_KEY_HEADER]
+            assert isinstance(key, str) and KEY.fullmatch(key)
+            assert KEY.fullmatch(their_headers[CLIENT_KEY_HEADER][0])
 
     streams = reassemble(recorded)
     assert all(st.complete for st in streams.values())

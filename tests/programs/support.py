@@ -21,7 +21,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -204,8 +204,8 @@ async def four_call_kinds(stub: test_grpc.TestServiceStub, metadata: dict[str, s
         for i in range(3):
             await call.send_message(test_pb2.Message(payload=b"%d" % i))
         await call.end()
-        reply = await call.recv_message()
-    assert reply is not None and reply.count == 3 and reply.payload == b"2"
+        summed = await call.recv_message()
+    assert summed is not None and summed.count == 3 and summed.payload == b"2"
 
     async with stub.ServerStream.open(metadata=metadata) as call:
         await call.send_message(test_pb2.Message(payload=b"tick", count=4), end=True)
@@ -216,16 +216,16 @@ async def four_call_kinds(stub: test_grpc.TestServiceStub, metadata: dict[str, s
         echoed = []
         for i in range(3):
             await call.send_message(test_pb2.Message(payload=b"ping %d" % i))
-            reply = await call.recv_message()
-            assert reply is not None
-            echoed.append(reply.payload)
+            echo = await call.recv_message()
+            assert echo is not None
+            echoed.append(echo.payload)
         await call.end()
         assert await call.recv_message() is None
     assert echoed == [b"ping 0", b"ping 1", b"ping 2"]
 
 
 async def metadata_both_ways(
-    stub: test_grpc.TestServiceStub, metadata: dict[str, str | bytes]
+    stub: test_grpc.TestServiceStub, metadata: Mapping[str, str | bytes]
 ) -> dict[str, bytes]:
     """A call with text and binary headers, response headers and trailers, checked.
 
@@ -319,7 +319,7 @@ class Agent(Process):
 
     def __init__(
         self,
-        router: Router | str,
+        router: Router | str | Sequence[Router | str],
         backend: Backend | str,
         key: str,
         *flags: str,

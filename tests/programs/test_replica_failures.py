@@ -45,7 +45,11 @@ async def _holders(redis: RedisServer, key: str) -> list[str]:
         now_s, now_us = await client.time()
         now = now_s * 1000 + now_us // 1000
         members = await client.zrangebyscore(f"grpctunnel:{{{key}}}:routers", now, "+inf")
-    return sorted(member.split('"')[1] for member in members)
+    holders = []
+    for member in members:
+        assert isinstance(member, str)  # the client decodes responses
+        holders.append(member.split('"')[1])
+    return sorted(holders)
 
 
 async def _first_success(

@@ -17,9 +17,10 @@ import asyncio
 import contextlib
 import logging
 import socket
+import weakref
 from collections.abc import AsyncIterator, Hashable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 import grpclib.client
 import grpclib.config
@@ -27,6 +28,7 @@ import grpclib.events
 import grpclib.server
 
 import tunnel
+from tunnel import _seam
 from tunnel.testing._pb.grpchantesting import Message, TestServiceBase, TestServiceStub
 
 #: Upper bound of one test's body.
@@ -35,6 +37,14 @@ TEST_TIMEOUT = 20.0
 PROMPT = 2.0
 
 KEY_HEADER = "x-key"
+
+
+class Backoff(TypedDict, total=False):
+    """Backoff settings of ``serve_forever`` and ``ReconnectingTunnelChannel``, as keywords."""
+
+    min_backoff: float
+    max_backoff: float
+    jitter: float
 
 
 def key_from_metadata(channel: tunnel.TunnelChannel) -> Hashable:
@@ -97,8 +107,8 @@ class Router:
     server: grpclib.server.Server
     handler: tunnel.TunnelServiceHandler
     port: int
-    #: The server's connections (grpclib's H2Protocol objects).
-    connections: list[Any] = field(default_factory=list)
+    #: The server's live connections (``tunnel._seam.record_connections``).
+    connections: weakref.WeakSet[Any] = field(default_factory=weakref.WeakSet)
 
     async def crash(self) -> None:
         """Stop the server as a process exit would: connections drop too.
@@ -145,15 +155,7 @@ async def router(
     server = grpclib.server.Server([handler, *services], config=config)
     for event_type, callback in listeners:
         grpclib.events.listen(server, event_type, callback)
-    connections: list[Any] = []
-    make_protocol = server._protocol_factory
-
-    def recording_factory() -> Any:
-        connection = make_protocol()
-        connections.append(connection)
-        return connection
-
-    server._protocol_factory = recording_factory  # type: ignore[method-assign]
+    connections = _seam.record_connections(server)
     sock = listening_socket(port)
     try:
         await server.start(sock=sock)
@@ -166,7 +168,7 @@ async def router(
         await stop(server, connections)
 
 
-async def stop(server: grpclib.server.Server, connections: Iterable[Any]) -> None:
+async def stop(server: grpclib.server.Server, connections: weakref.WeakSet[Any]) -> None:
     """Close the server and drop its connections.
 
     Since Python 3.12.1 asyncio's ``Server.wait_closed()`` (which grpclib's
@@ -174,9 +176,7 @@ async def stop(server: grpclib.server.Server, connections: Iterable[Any]) -> Non
     may still hold one open.
     """
     server.close()
-    for protocol in connections:
-        if hasattr(protocol, "connection"):  # made
-            protocol.connection.close()  # closes the socket
+    _seam.drop_connections(connections)
     async with asyncio.timeout(10):
         await server.wait_closed()
 

@@ -13,6 +13,7 @@ from grpclib.events import RecvRequest
 from grpclib.exceptions import GRPCError
 
 import tunnel
+from tunnel.testing._pb.grpchantesting import Message
 
 from .support import (
     KEY_HEADER,
@@ -113,7 +114,9 @@ async def test_a_tunnel_carries_its_metadata_and_peer() -> None:
         assert isinstance(only, tunnel.TunnelChannel)
         assert only.metadata[KEY_HEADER] == "dev"
         assert only.peer is not None
-        host, _ = only.peer.addr()
+        address = only.peer.addr()
+        assert address is not None
+        host, _ = address
         assert host == "127.0.0.1"
         # A single reverse TunnelChannel is a channel of its own.
         assert await who(only) == "dev"
@@ -142,7 +145,7 @@ async def test_key_function_and_callbacks_see_the_listeners_context() -> None:
 
     async def authenticate(event: RecvRequest) -> None:
         token = event.metadata.get("authorization")
-        if token is not None:
+        if isinstance(token, str):
             _identity.set(token.removeprefix("Bearer "))
 
     def key(channel: tunnel.TunnelChannel) -> Hashable:
@@ -161,9 +164,9 @@ async def test_key_function_and_callbacks_see_the_listeners_context() -> None:
     )
 
     class Recording(Device):
-        async def unary(self, message: object) -> object:
+        async def unary(self, message: Message) -> Message:
             log.add("call")
-            return await super().unary(message)  # type: ignore[arg-type]
+            return await super().unary(message)
 
     async with (
         asyncio.timeout(TEST_TIMEOUT),

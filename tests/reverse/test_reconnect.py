@@ -14,6 +14,7 @@ from .support import (
     KEY_HEADER,
     PROMPT,
     TEST_TIMEOUT,
+    Backoff,
     Device,
     LogWatch,
     Proxy,
@@ -27,7 +28,7 @@ from .support import (
 )
 
 #: Small but not busy-looping: reconnects in tests take tens of milliseconds.
-BACKOFF = {"min_backoff": 0.01, "max_backoff": 0.05, "jitter": 0.2}
+BACKOFF: Backoff = {"min_backoff": 0.01, "max_backoff": 0.05, "jitter": 0.2}
 
 #: Keepalive settings for a device's channel (docs/reverse.md, "Dead peers").
 KEEPALIVE = Configuration(
@@ -135,14 +136,15 @@ async def test_serve_forever_rejects_bad_backoff() -> None:
         connected(net.port) as channel,
         device_server(channel, [Device("dev")]) as running,
     ):
-        for bad in (
+        bad_settings: list[Backoff] = [
             {"min_backoff": 0},
             {"min_backoff": 2, "max_backoff": 1},
             {"jitter": 1.0},
             {"jitter": -0.1},
-        ):
+        ]
+        for bad in bad_settings:
             with pytest.raises(ValueError):
-                await running.server.serve_forever(**bad)  # type: ignore[arg-type]
+                await running.server.serve_forever(**bad)
 
 
 #: Keepalive tight enough for a test: a silent peer is found within ~1 s.

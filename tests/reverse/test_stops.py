@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from typing import Any
 
+import grpclib.server
 import pytest
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
@@ -97,9 +99,9 @@ async def test_close_ends_serve_when_the_network_server_keeps_the_call_open() ->
     gate = asyncio.Event()
 
     class Stubborn(tunnel.TunnelServiceHandler):
-        async def _open_reverse_tunnel(self, stream: object) -> None:
+        async def _open_reverse_tunnel(self, stream: grpclib.server.Stream[Any, Any]) -> None:
             try:
-                await super()._open_reverse_tunnel(stream)  # type: ignore[arg-type]
+                await super()._open_reverse_tunnel(stream)
             finally:
                 await gate.wait()  # the call stays open after the tunnel ended
 

@@ -104,6 +104,7 @@ async def test_channel_codecs_are_those_the_channel_was_made_with() -> None:
         assert _seam.channel_codecs(channel) == (codec, details)
     finally:
         channel.close()
+    # Not a grpclib channel: bad input on purpose.
     assert _seam.channel_codecs(object()) == (None, None)  # type: ignore[arg-type]
 
 

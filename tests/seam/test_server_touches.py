@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from typing import Any
 
 import grpclib.client
 import grpclib.server
@@ -47,9 +48,14 @@ def test_grpclib_follows_asyncio_current_task() -> None:
     """After the call, grpclib's task lookup is asyncio's current one (patched or not)."""
     import grpclib.utils
 
+    def bound_before_a_patch(
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> asyncio.Task[Any] | None:
+        return None
+
     original = grpclib.utils._current_task
     try:
-        grpclib.utils._current_task = lambda: None  # as if bound before a patch
+        grpclib.utils._current_task = bound_before_a_patch
         _seam.follow_asyncio_current_task()
         assert grpclib.utils._current_task is asyncio.current_task
     finally:

@@ -77,6 +77,10 @@ async def _run_clean(test: Callable[..., Awaitable[None]], **kwargs: Any) -> Non
             pytest.fail("task(s) still running after the test:\n" + "\n".join(left))
 
 
+#: The trio test behind each stand-in that collection put in its place.
+_TRIO_TESTS: dict[Callable[..., None], Callable[..., Awaitable[None]]] = {}
+
+
 @pytest.hookimpl(hookwrapper=True, trylast=True)
 def pytest_pycollect_makeitem(
     collector: pytest.Collector, name: str, obj: object
@@ -92,19 +96,18 @@ def pytest_pycollect_makeitem(
             def not_for_asyncio(*args: Any, **kwargs: Any) -> None:
                 raise AssertionError("a trio test must run under pytest-trio")
 
-            not_for_asyncio.trio_test = test  # type: ignore[attr-defined]
+            _TRIO_TESTS[not_for_asyncio] = test
             item.obj = not_for_asyncio
             item.add_marker(pytest.mark.trio)
 
 
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)
 def pytest_runtest_call(item: pytest.Item) -> Generator[None, Any, None]:
-    test = getattr(getattr(item, "obj", None), "trio_test", None)
-    if test is not None:
+    if isinstance(item, pytest.Function) and (test := _TRIO_TESTS.get(item.obj)) is not None:
 
         @functools.wraps(test)
         async def clean(**kwargs: Any) -> None:
             await _run_clean(test, **kwargs)
 
-        item.obj = clean  # type: ignore[attr-defined]
+        item.obj = clean
     yield

@@ -19,6 +19,7 @@ import trio
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
+import tunnel
 import tunnel.trio
 from tests.stubs.pb import test_grpc, test_pb2
 from tunnel.testing.service import TestService
@@ -29,7 +30,7 @@ TIMEOUT = 10.0
 DEVICE_KEY = "device-id"
 
 
-def device_key(channel: Any) -> Hashable:
+def device_key(channel: tunnel.TunnelChannel) -> Hashable:
     """The affinity key of a reverse tunnel: its ``device-id`` metadata."""
     return channel.metadata.get(DEVICE_KEY)
 

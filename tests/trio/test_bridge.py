@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+from collections.abc import Awaitable, Callable
 
 import pytest
 import trio
@@ -27,7 +28,8 @@ async def test_async_callbacks_run_as_trio_code_when_asyncio_awaits_them() -> No
         ran.append("trio" if in_trio() else "asyncio")
         return value + 1
 
-    wrapped = asyncio_callable(trio_callback)
+    # asyncio_callable takes and returns anything; here it wraps an async function.
+    wrapped: Callable[[int], Awaitable[int]] = asyncio_callable(trio_callback)
     assert inspect.iscoroutinefunction(wrapped)  # the asyncio layer can tell it is async
 
     async def asyncio_side() -> int:

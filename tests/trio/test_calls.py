@@ -46,7 +46,8 @@ async def test_metadata_in_all_three_places() -> None:
             headers={"x-head": b"h1"},
             trailers={"x-tail": b"t1", "x-tail-bin": b"\x00\x01"},
         )
-        async with stub.Unary.open(metadata={"x-req": "r1", "x-req-bin": b"\x01"}) as stream:
+        metadata: dict[str, str | bytes] = {"x-req": "r1", "x-req-bin": b"\x01"}
+        async with stub.Unary.open(metadata=metadata) as stream:
             await stream.send_message(request, end=True)
             reply = await stream.recv_message()
             await stream.recv_trailing_metadata()

@@ -33,7 +33,7 @@ def _interrupt(command: list[str], marker: str) -> subprocess.CompletedProcess[s
         command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     try:
-        assert process.stdout is not None
+        assert process.stdout is not None and process.stderr is not None
         seen = []
         for line in process.stdout:
             seen.append(line)
