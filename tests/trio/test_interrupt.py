@@ -70,11 +70,14 @@ UNCAUGHT = textwrap.dedent(
             handler = tunnel.trio.TunnelServiceHandler([TrioTestService("svc")])
             port = await nursery.start(tunnel.trio.serve, [handler])
             channel = grpclib.client.Channel("127.0.0.1", port)
-            async with tunnel.trio.open_tunnel(channel) as tunneled:
-                stub = test_grpc.TestServiceStub(tunneled)
-                print("calling", flush=True)
-                while True:
-                    await stub.Unary(test_pb2.Message(payload=b"x", delay_millis=1))
+            try:
+                async with tunnel.trio.open_tunnel(channel) as tunneled:
+                    stub = test_grpc.TestServiceStub(tunneled)
+                    print("calling", flush=True)
+                    while True:
+                        await stub.Unary(test_pb2.Message(payload=b"x", delay_millis=1))
+            finally:
+                channel.close()
 
     trio.run(main)
     """

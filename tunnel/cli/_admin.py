@@ -80,11 +80,13 @@ class AdminServer:
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/tunnels", self._tunnels_page)
-        self._runner = web.AppRunner(app, access_log=None)
+        # The runner, not the site, holds the shutdown timeout (aiohttp 3.9
+        # deprecated the site's).
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
 
     async def start(self, sock: socket.socket) -> Address:
         await self._runner.setup()
-        site = web.SockSite(self._runner, sock, shutdown_timeout=1.0)
+        site = web.SockSite(self._runner, sock)
         await site.start()
         return bound(sock)
 
