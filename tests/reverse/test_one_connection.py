@@ -41,8 +41,8 @@ async def test_the_tunnel_beyond_the_connections_stream_limit_says_why() -> None
     ):
         for i in range(LIMIT):
             running.serve({KEY_HEADER: str(i)})
-        while len(handler.all_reverse_tunnels()) < LIMIT:
-            await asyncio.sleep(0.01)
+        await asyncio.gather(*(handler.key_as_channel(str(i)).wait_ready() for i in range(LIMIT)))
+        assert len(handler.all_reverse_tunnels()) == LIMIT
         with pytest.raises(tunnel.OpenTimeoutError) as exc_info:
             await one_more.server.serve({KEY_HEADER: "one too many"})
         message = str(exc_info.value)
