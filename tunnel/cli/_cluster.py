@@ -298,6 +298,7 @@ class PeerListener:
         advertise = settings["advertise"]
         if advertise is None:
             if self.address.host in ("0.0.0.0", "::"):
+                self._sock.close()  # a usage error leaves no socket open
                 raise UsageError(
                     f"--peer-listen {settings['peer_listen']}: say which address the other "
                     "routers dial, with --advertise HOST:PORT"

@@ -515,14 +515,15 @@ async def run(settings: dict[str, Any]) -> int:
     tokens = None
     if settings["agent_tokens"] is not None:
         tokens = TokenFile.load(settings["agent_tokens"])
-    grpc_sock = listening_socket(settings["listen"], "--listen")
-    admin_sock = listening_socket(settings["admin"], "--admin") if settings["admin"] else None
     router = Router(settings, tokens)
     peer: PeerListener | None = None
     if settings["registry"] is not None:
         from ._cluster import PeerListener
 
+        # Before our own sockets, so that its usage errors leave none open.
         peer = PeerListener(router, settings)
+    grpc_sock = listening_socket(settings["listen"], "--listen")
+    admin_sock = listening_socket(settings["admin"], "--admin") if settings["admin"] else None
     server = router.server()
     admin = AdminServer(registry=router.registry, ready=router.ready, tunnels=router.tunnels)
     stop = asyncio.Event()
