@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -45,6 +46,21 @@ LEAK_CHECK_ROUNDS = 20
 
 #: Upper bound for setting up or tearing down one fixture resource.
 FIXTURE_TIMEOUT = 10.0
+
+
+# -- warnings -------------------------------------------------------------------------
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Python programs the tests start run with warnings as errors too.
+
+    pyproject.toml makes every warning in the tests' own process an error.
+    The router, the agent, the examples and the peers run as processes of
+    their own, where that filter does not reach; they inherit this one, so a
+    warning there (a deprecated call, an unclosed socket) fails the program,
+    or shows in the stderr that its test checks.
+    """
+    os.environ["PYTHONWARNINGS"] = "error"
 
 
 # -- leak check -----------------------------------------------------------------------
