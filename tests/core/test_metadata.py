@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 from grpclib.const import Status
+from grpclib.metadata import decode_timeout
 
 from tunnel._core.events import HeadersReceived
-from tunnel._core.metadata import MetadataError
+from tunnel._core.metadata import MetadataError, encode_timeout_up
 
 from .helpers import (
     BIDI,
@@ -297,3 +298,20 @@ def test_ill_formed_grpc_timeout_fails_the_stream() -> None:
     (frame,) = drain_server(server)
     assert frame.close_stream.status.code == Status.INVALID_ARGUMENT.value
     assert opened(server.receive_frame(new_stream(2)))
+
+
+@pytest.mark.parametrize(
+    "seconds", [0.0, 1e-9, 3.3e-6, 0.0099999, 0.0100001, 0.2999, 0.3, 1.23456, 9.9999, 10.5, 3600.2]
+)
+def test_timeouts_travel_rounded_up(seconds: float) -> None:
+    """The server's deadline is never before the caller's (it races it otherwise)."""
+    encoded = encode_timeout_up(seconds)
+    decoded = decode_timeout(encoded)
+    assert decoded >= seconds
+    assert len(encoded) <= 9  # at most 8 digits and a unit, as gRPC allows
+    unit = {"S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}[encoded[-1]]
+    assert decoded - seconds < unit
+
+
+def test_absurd_timeouts_stay_within_eight_digits() -> None:
+    assert encode_timeout_up(1e12) == "99999999S"

@@ -31,7 +31,6 @@ from typing import TYPE_CHECKING
 from google.protobuf.empty_pb2 import Empty
 from google.rpc.status_pb2 import Status as StatusProto
 from grpclib.const import Cardinality, Status
-from grpclib.metadata import encode_timeout
 
 from .._pb.tunnel_pb2 import (
     REVISION_ONE,
@@ -54,7 +53,13 @@ from .connection import (
 )
 from .events import Event, HeadersReceived, Negotiated, StreamEnded
 from .flow import INITIAL_WINDOW_SIZE, StreamFault
-from .metadata import MetadataError, MetadataPairs, decode_metadata, encode_metadata
+from .metadata import (
+    MetadataError,
+    MetadataPairs,
+    decode_metadata,
+    encode_metadata,
+    encode_timeout_up,
+)
 from .states import Go, Input, Reset, ResponseState, TunnelState
 
 __all__ = ["TunnelClientProtocol"]
@@ -152,7 +157,7 @@ class TunnelClientProtocol(Connection[ClientToServer]):
         headers.SetInParent()
         encode_metadata(metadata, headers, limit=self.max_metadata_size)
         if timeout is not None:
-            headers.md["grpc-timeout"].val.append(encode_timeout(max(timeout, 0.0)))
+            headers.md["grpc-timeout"].val.append(encode_timeout_up(timeout))
         self._last_id += 1
         stream_id = self._last_id
         st = self._add_stream(

@@ -26,6 +26,7 @@ carried it.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable
 
@@ -38,6 +39,7 @@ __all__ = [
     "MetadataPairs",
     "decode_metadata",
     "encode_metadata",
+    "encode_timeout_up",
     "is_reserved",
 ]
 
@@ -123,3 +125,23 @@ def decode_metadata(frame: Metadata, *, limit: int) -> MetadataPairs:
                     f"invalid value of metadata key {key!r}: not printable ASCII", key
                 )
     return tuple(pairs)
+
+
+def encode_timeout_up(seconds: float) -> str:
+    """``seconds`` as a ``grpc-timeout`` value, rounded *up* to its unit.
+
+    grpclib's ``encode_timeout`` truncates, so the server's deadline can fall
+    a little before the caller's and the server's DEADLINE_EXCEEDED race the
+    caller's own timeout.  Rounded up (and sent later still), the server's
+    deadline never comes first: a caller sees its own deadline pass, as
+    ``asyncio.TimeoutError``, every time.  The units are gRPC's, as grpclib
+    picks them (at most 8 digits each).
+    """
+    seconds = max(seconds, 0.0)
+    if seconds > 10:
+        return f"{min(math.ceil(seconds), 99_999_999)}S"
+    if seconds > 0.01:
+        return f"{math.ceil(seconds * 1e3)}m"
+    if seconds > 0.00001:
+        return f"{math.ceil(seconds * 1e6)}u"
+    return f"{math.ceil(seconds * 1e9)}n"
