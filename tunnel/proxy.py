@@ -17,10 +17,16 @@ cardinality, and needs neither:
   bidi-streaming callers all work; checks such as "exactly one request"
   are left to the two ends, which know the method.
 * Two loops relay one message at a time: requests (caller -> target) in a
-  task of their own, responses (target -> caller) beside it.  Each receives
-  a message only after the previous one was handed on, and handing on waits
-  for the next hop's flow-control window, so the proxy holds at most one
-  message per direction and a slow reader slows the sender end to end.
+  task of their own, which also sends the request headers, and responses
+  (target -> caller) in the handler's own task, once the headers are out.
+  Each receives a message only after the previous one was handed on, and
+  handing on waits for the next hop's flow-control window, so the proxy
+  holds at most one message per direction and a slow reader slows the
+  sender end to end.  A failure of the caller's side interrupts the
+  response loop (the request task cancels the handler's task), so it ends
+  the call at once, whatever the target is doing.  Per call that is one
+  task besides the handler's, and no ``asyncio.wait`` unless the caller
+  still sends when the target has ended the call.
 * Response headers are forwarded when the target sends them; a
   trailers-only answer stays trailers-only.  Once the response stream has
   ended the request loop stops (the call is over) and the target's status,
@@ -94,6 +100,9 @@ _BROKEN = (StreamTerminatedError, OSError, h2.exceptions.H2Error)
 
 _DETAILS_HEADER = "grpc-status-details-bin"
 
+#: Status details as bytes, both ways (the codec keeps no state).
+_RAW_DETAILS = RawStatusDetailsCodec()
+
 
 class _CallOver(Exception):
     """Leaves the target's ``async with`` without waiting: the call is over."""
@@ -154,18 +163,22 @@ class Proxy:
             metadata=self.forwarded(metadata),
         )
         # Details come back from the target as bytes, and go out so.
-        _seam.use_status_details_codec(call, RawStatusDetailsCodec())
-        _seam.use_status_details_codec(stream, RawStatusDetailsCodec())
+        _seam.use_status_details_codec(call, _RAW_DETAILS)
+        _seam.use_status_details_codec(stream, _RAW_DETAILS)
         ending = await _Relay(self, stream, call).run()
         await self._end(stream, ending)
 
     def forwarded(self, metadata: MultiDict[Any] | None) -> MultiDict[Any]:
         """``metadata`` without the headers this proxy does not forward."""
+        if not metadata:
+            return MultiDict()
         drop = self._drop
         return MultiDict(
-            (key, value)
-            for key, value in (metadata or MultiDict()).items()
-            if key not in drop and not key.startswith(("grpc-", ":"))
+            [
+                (key, value)
+                for key, value in metadata.items()
+                if key not in drop and not key.startswith(("grpc-", ":"))
+            ]
         )
 
     async def _choose(self, method_name: str, metadata: MultiDict[Any]) -> grpclib.client.Channel:
@@ -214,6 +227,13 @@ class _Relay:
         self._call = call
         #: Our side of the target's call is half-closed.
         self._ended = False
+        #: The task relaying responses (the handler's), while it does.
+        self._responder: asyncio.Task[Any] | None = None
+        #: What failed on the caller's side, once the responder was told.
+        self._failure: BaseException | None = None
+        #: Set once the request headers went out: None, or how the call
+        #: ended right there.
+        self._opened: asyncio.Future[_Ending | None] = asyncio.get_running_loop().create_future()
 
     async def run(self) -> _Ending:
         call = self._call
@@ -243,58 +263,89 @@ class _Relay:
         return ending
 
     async def _relay(self) -> _Ending:
-        call = self._call
-        try:
-            await call.send_request()
-        except GRPCError as exc:  # a closed tunnel, say
-            return _Ending.of(exc, None)
-        except ValueError as exc:  # metadata grpclib or the tunnel cannot carry
-            raise GRPCError(
-                Status.INVALID_ARGUMENT, f"the proxy cannot forward the request metadata: {exc}"
-            ) from None
-        except (TimeoutError, *_BROKEN) as exc:
-            return self._broken(exc)
         requests = asyncio.create_task(self._requests(), name="proxy requests")
-        responses = asyncio.create_task(self._responses(), name="proxy responses")
         try:
-            await asyncio.wait({requests, responses}, return_when=asyncio.FIRST_COMPLETED)
-            if not responses.done():
-                # The caller half-closed (or the target's side failed, which
-                # the responses will tell), unless the caller's side failed.
-                failure = None if requests.cancelled() else requests.exception()
-                if failure is not None:
-                    raise failure
-                await asyncio.wait({responses})
-            ending = responses.result()
+            ending = await self._responses_until_failure()
+            # The call is over for the target: the request loop stops (it
+            # has usually finished already: the caller half-closed).
             await _stop(requests)
             if ending is None:
                 ending = await self._trailers()
             return ending
         finally:
             await _stop(requests)
-            await _stop(responses)
 
     async def _requests(self) -> None:
-        """Caller -> target, one message at a time, then half-close.
+        """Open the target's call, then caller -> target, one message at a time, then half-close.
 
-        A failure of the caller's side raises; a failure of the target's
-        side ends the loop quietly: the responses report how the call ended.
+        The request headers go out from this task, so that for the usual
+        unary call headers, message and half-close leave in one step (one
+        write, see ``tunnel._coalesce``).  A failure of the caller's side
+        raises, and interrupts the response loop if it still runs; a
+        failure of the target's side ends the loop quietly: the responses
+        report how the call ended.
         """
         stream, call = self._stream, self._call
-        while True:
-            message = await stream.recv_message()
-            try:
-                if message is None:
-                    await call.end()
-                    self._ended = True
-                    return
-                await call.send_message(message)
-            except (GRPCError, TimeoutError, *_BROKEN):
+        try:
+            if not await self._open():
                 return
+            while True:
+                message = await stream.recv_message()
+                try:
+                    if message is None:
+                        await call.end()
+                        self._ended = True
+                        return
+                    await call.send_message(message)
+                except (GRPCError, TimeoutError, *_BROKEN):
+                    return
+        except Exception as exc:
+            responder = self._responder
+            if responder is not None:
+                self._failure = exc
+                responder.cancel()
+            raise
+
+    async def _open(self) -> bool:
+        """Send the request headers; False (and ``opened`` says why) if the call ended there."""
+        call, opened = self._call, self._opened
+        try:
+            await call.send_request()
+        except GRPCError as exc:  # a closed tunnel, say
+            opened.set_result(_Ending.of(exc, None))
+            return False
+        except ValueError as exc:  # metadata grpclib or the tunnel cannot carry
+            raise GRPCError(
+                Status.INVALID_ARGUMENT, f"the proxy cannot forward the request metadata: {exc}"
+            ) from None
+        except (TimeoutError, *_BROKEN) as exc:
+            opened.set_result(self._broken(exc))
+            return False
+        opened.set_result(None)
+        return True
+
+    async def _responses_until_failure(self) -> _Ending | None:
+        """``_responses()`` in this task, unless the caller's side fails first."""
+        task = asyncio.current_task()
+        self._responder = task
+        try:
+            return await self._responses()
+        except asyncio.CancelledError:
+            failure = self._failure
+            # Our own cancel (the request loop's) is taken back; one from
+            # elsewhere (grpclib's, the caller being gone) still stands.
+            if failure is not None and task is not None and task.uncancel() == 0:
+                raise failure from None
+            raise
+        finally:
+            self._responder = None
 
     async def _responses(self) -> _Ending | None:
         """Target -> caller: headers and messages; None if the status is still to come."""
         stream, call = self._stream, self._call
+        ended_at_opening = await self._opened
+        if ended_at_opening is not None:
+            return ended_at_opening
         try:
             await call.recv_initial_metadata()
         except GRPCError as exc:  # trailers-only, or no gRPC answer at all
@@ -380,9 +431,11 @@ async def _stop(task: asyncio.Task[Any]) -> None:
 
     Its exception, if any, has been dealt with or no longer matters (the
     call is over either way): mark it retrieved, so asyncio does not log it.
+    A task done already costs no wait (the common case: a caller that
+    half-closed before the target answered).
     """
     if not task.done():
         task.cancel()
-    await asyncio.wait({task})
+        await asyncio.wait({task})
     if not task.cancelled():
         task.exception()

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import grpclib.client
+import grpclib.server
 import pytest
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
@@ -230,6 +231,53 @@ async def test_a_caller_that_goes_away_cancels_the_backend_handler(route: Route)
             raise Gone
     async with asyncio.timeout(PROMPT):
         await route.probe.cancelled.wait()
+
+
+class _CallerSideBreaks:
+    """A fallback whose caller's stream fails on its second read.
+
+    Stands for what can go wrong on the caller's side of a proxied call
+    without grpclib or the tunnel cancelling the handler (a message the
+    proxy's process cannot read, say).
+    """
+
+    def __init__(self, channel: grpclib.client.Channel) -> None:
+        self._proxy = tunnel.Proxy(channel)
+
+    async def __call__(self, method_name: str, stream: Any) -> None:
+        breaking = cast("grpclib.server.Stream[Any, Any]", _BreaksOnSecondRead(stream))
+        await self._proxy(method_name, breaking)
+
+
+class _BreaksOnSecondRead:
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self._reads = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+    async def recv_message(self) -> Any:
+        self._reads += 1
+        if self._reads == 2:
+            raise RuntimeError("the caller's side broke")
+        return await self._stream.recv_message()
+
+
+@pytest.mark.parametrize("kind", PROXIED)
+async def test_a_failure_of_the_callers_side_ends_the_call_while_the_backend_blocks(
+    kind: str,
+) -> None:
+    async with open_route(kind, proxy=_CallerSideBreaks) as route:  # type: ignore[arg-type]
+        call = route.call(Probe.PREFIX + "Block", Cardinality.STREAM_STREAM)
+        with pytest.raises(GRPCError) as failed:
+            async with asyncio.timeout(PROMPT), call:
+                await call.send_message(Message())
+                await call.recv_message()
+        async with asyncio.timeout(PROMPT):
+            await route.probe.cancelled.wait()
+    # The proxy's handler raised: its server says so, as for any handler.
+    assert failed.value.status is Status.UNKNOWN
 
 
 @pytest.mark.parametrize("kind", ROUTES)
