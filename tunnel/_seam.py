@@ -58,6 +58,10 @@ The touches, one line each (keep this list in step with the code):
   ``drop_connections``, so that a stopped server's connections end.
 * ``grpclib.utils._current_task`` (rebound): ``follow_asyncio_current_task``,
   for grpclib under trio-asyncio on Python 3.12+.
+* ``Server._protocol_factory`` and ``Channel._protocol_factory`` (wrapped),
+  and the transport ``H2Protocol.connection_made`` is given
+  (``coalesce_writes``): a connection's writes of one loop iteration sent
+  as one.
 """
 
 from __future__ import annotations
@@ -67,7 +71,7 @@ import contextlib
 import os
 import weakref
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import grpclib.client
 import grpclib.events
@@ -77,6 +81,8 @@ import grpclib.server
 import grpclib.utils
 from grpclib.const import Handler
 from grpclib.encoding.base import CodecBase, StatusDetailsCodecBase
+
+from ._coalesce import CoalescingTransport
 
 __all__ = [
     "ChannelEvents",
@@ -88,6 +94,7 @@ __all__ = [
     "become_channel",
     "call_wrapper",
     "channel_codecs",
+    "coalesce_writes",
     "connection_is_lost",
     "deadline_passed",
     "drop_connections",
@@ -443,3 +450,33 @@ def follow_asyncio_current_task() -> None:
     """
     if grpclib.utils._current_task is not asyncio.current_task:
         grpclib.utils._current_task = asyncio.current_task
+
+
+def coalesce_writes(target: grpclib.server.Server | grpclib.client.Channel) -> None:
+    """Send each connection's writes of one event-loop iteration as one write.
+
+    For every connection ``target`` makes from now on (a ``Server`` before
+    ``start()``, a ``Channel`` before its first call), see
+    ``_coalesce.CoalescingTransport``.  grpclib writes each HTTP/2 frame
+    with its own ``transport.write()`` and has no setting for anything
+    else.  Relies on: both classes make each connection's ``H2Protocol``
+    with their ``_protocol_factory`` method, looked up on the instance when
+    they connect or start listening; ``H2Protocol.connection_made`` keeps
+    the transport it is given (in its ``Connection`` and every ``Stream``),
+    and grpclib uses only the public transport API on it (``write``,
+    ``close``, ``is_closing``, ``get_extra_info``), as our own touches do
+    (``abort``).
+    """
+    make_protocol = target._protocol_factory
+
+    def coalescing_factory() -> Any:
+        protocol = make_protocol()
+        connection_made = protocol.connection_made
+
+        def made(transport: asyncio.BaseTransport) -> None:
+            connection_made(CoalescingTransport(cast(asyncio.Transport, transport)))
+
+        protocol.connection_made = made  # type: ignore[method-assign]
+        return protocol
+
+    target._protocol_factory = coalescing_factory  # type: ignore[method-assign]

@@ -46,6 +46,7 @@ from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from .. import _seam
 from ..device import ReverseTunnelServer
 from ..fallback import Fallback
 from ..proxy import Proxy
@@ -108,6 +109,9 @@ class Agent:
         self.allowed: list[str] = settings["allow_method"]
         backend: Address = settings["backend"]
         self.backend = grpclib.client.Channel(backend.host, backend.port)
+        # The calls to the backend and the tunnels to the routers: a few
+        # small frames each per call, written together (see tunnel._coalesce).
+        _seam.coalesce_writes(self.backend)
         tls = client_context(
             settings["tls"], settings["tls_ca"], settings["tls_cert"], settings["tls_key"]
         )
@@ -122,6 +126,7 @@ class Agent:
         self.links: list[RouterLink] = []
         for address in settings["router"]:
             channel = grpclib.client.Channel(address.host, address.port, ssl=tls)
+            _seam.coalesce_writes(channel)
             device = ReverseTunnelServer(channel, [], options=options, fallback=metered)
             self.meter.listen_on(device)
             self.links.append(RouterLink(address, device, channel))

@@ -59,6 +59,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from .. import _seam
 from .._tunnel import EndReason
 from .._wire import OPEN_REVERSE_TUNNEL
 from ..channel import TunnelChannel
@@ -194,6 +195,9 @@ class Router:
 
     def server(self) -> grpclib.server.Server:
         server = grpclib.server.Server([self.handler, Health({OVERALL: [self.health_status]})])
+        # Callers' calls and agents' tunnels: a few small frames each per
+        # call, written together (see tunnel._coalesce).
+        _seam.coalesce_writes(server)
         install_fallback(server, self.proxy)
         listen(server, RecvRequest, self._check_request)
         self.meter.listen_on(server)
