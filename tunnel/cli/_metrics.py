@@ -96,16 +96,26 @@ class CallMeter:
         self.in_flight = Gauge(
             f"{prefix}_calls_in_flight", "Forwarded calls running now", registry=registry
         )
+        # Read when scraped: nothing to update (and no lock to take) per call.
+        self.in_flight.set_function(lambda: self.running)
         self.duration = Histogram(
             f"{prefix}_call_duration_seconds",
             "Seconds from a forwarded call's arrival to its status",
             registry=registry,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
         )
-        #: Calls running now (``in_flight`` without the registry's lock).
+        #: Calls running now (what ``in_flight`` reports).
         self.running = 0
+        #: ``calls`` by status, each looked up once (``labels()`` takes a lock).
+        self._calls_by_status: dict[Status, Counter] = {}
         self._idle = asyncio.Event()
         self._idle.set()
+
+    def _counter(self, status: Status) -> Counter:
+        counter = self._calls_by_status.get(status)
+        if counter is None:
+            counter = self._calls_by_status[status] = self.calls.labels(status.name)
+        return counter
 
     def listen_on(self, target: Any) -> None:
         """See the trailers of calls served by ``target`` (a Server, a device)."""
@@ -125,7 +135,6 @@ class CallMeter:
             started = loop.time()
             self.running += 1
             self._idle.clear()
-            self.in_flight.inc()
             status = Status.OK
             try:
                 await fallback(method_name, stream)
@@ -143,8 +152,7 @@ class CallMeter:
                 self.running -= 1
                 if not self.running:
                     self._idle.set()
-                self.in_flight.dec()
-                self.calls.labels(status.name).inc()
+                self._counter(status).inc()
                 self.duration.observe(loop.time() - started)
 
         return metered
