@@ -129,3 +129,29 @@ def test_quick_replicas_bench_runs(tmp_path: Path) -> None:
     registry = results["registry"]
     assert registry["refresh_ops_per_s"] > 0 and registry["lookup_p99_us"] > 0
     assert "caller -> r1 -> r2 (peer hop)" in output
+
+
+@pytest.mark.timeout(60)
+def test_router_costs_runs() -> None:
+    """``benchmarks.router_costs``: every chain measured, the profile's counts printed."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.router_costs",
+            "--rounds=1",
+            "--seconds=0.2",
+            "--callers=1",
+            "--profile=/dev/null",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=50,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    for variant in ("direct", "noop relays", "proxy relays", "router + agent"):
+        (row,) = [line for line in lines if line.startswith(variant)]
+        assert float(row.split()[-2]) > 0  # µs per call
+    assert any(line.split()[:2] == ["socket", "sends"] for line in lines)
