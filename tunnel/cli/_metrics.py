@@ -108,13 +108,17 @@ class CallMeter:
         self.running = 0
         #: ``calls`` by status, each looked up once (``labels()`` takes a lock).
         self._calls_by_status: dict[Status, Counter] = {}
+        self._calls_ok: Counter | None = None
         self._idle = asyncio.Event()
         self._idle.set()
 
     def _counter(self, status: Status) -> Counter:
-        counter = self._calls_by_status.get(status)
+        # OK first, by identity: hashing an Enum member runs Python code.
+        counter = self._calls_ok if status is Status.OK else self._calls_by_status.get(status)
         if counter is None:
             counter = self._calls_by_status[status] = self.calls.labels(status.name)
+            if status is Status.OK:
+                self._calls_ok = counter
         return counter
 
     def listen_on(self, target: Any) -> None:
