@@ -390,9 +390,25 @@ def router_table(run: dict[str, Any], markdown: bool) -> str:
     routed = {"results": results.get("routed", {})}
     header = ["", "caller -> backend", "caller -> router -> agent -> backend"]
     body = [[row.label, cell(row, direct, None), cell(row, routed, direct)] for row in ROUTER_ROWS]
+    for step, label in (("unary_1", "unary, 1 caller"), ("unary_16", "unary, 16 callers")):
+        body.append(
+            [
+                f"{label}: CPU ms per call",
+                _cpu_cell(direct, step, ("caller", "backend")),
+                _cpu_cell(routed, step, ("caller", "router", "agent", "backend")),
+            ]
+        )
     if run.get("error"):
         body.append(["error", run["error"], ""])
     return _render(header, body, markdown)
+
+
+def _cpu_cell(run: dict[str, Any], step: str, roles: tuple[str, ...]) -> str:
+    """Each process's CPU milliseconds per call: where the time goes."""
+    cpu = run["results"].get(step, {}).get("cpu_ms_per_call")
+    if not cpu:
+        return "-"
+    return ", ".join(f"{role} {cpu[role]:.2f}" for role in roles)
 
 
 def router_section(run: dict[str, Any] | None) -> str:
@@ -403,7 +419,9 @@ on a plain grpclib server), `grpctunnel agent` in front of it, `grpctunnel
 router`, and the caller (the benchmark's child process). The caller first
 goes to the backend directly, then through the router by key, against the
 same backend process; in brackets the ratio to the direct figure. The
-target is at least 0.5x for unary calls/s.
+target is at least 0.5x for unary calls/s. The CPU rows give each process's
+CPU time (user and system) per call over the measured calls: where the time
+goes.
 
 {router_table(run, markdown=True)}"""
 

@@ -122,15 +122,43 @@ async def _deployment(pb_dir: Path) -> AsyncIterator[tuple[int, int, dict[str, i
                 child.stop()
 
 
-async def _rates(client: GrpclibClient, budget: Budget) -> dict[str, Any]:
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time a process has used so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+async def _rates(
+    client: GrpclibClient, budget: Budget, pids: dict[str, int] | None = None
+) -> dict[str, Any]:
+    """The rates; for unary calls also the CPU milliseconds per call of each of ``pids``.
+
+    CPU time over the measured calls only (not the warm-up); the process
+    clock ticks every 10 ms, so a figure is rough below a few hundred calls.
+    """
     results: dict[str, Any] = {}
-    for name, run in (
-        ("unary_1", lambda: workloads.unary(client, budget, 1)),
-        ("unary_16", lambda: workloads.unary(client, budget, 16)),
-        ("bulk", lambda: workloads.bulk(client, budget)),
-    ):
+    before: dict[str, float] = {}
+    pids = pids or {}
+
+    def measuring() -> None:
+        before.update((role, cpu_seconds(pid)) for role, pid in pids.items())
+
+    for name, callers in (("unary_1", 1), ("unary_16", 16), ("bulk", 0)):
         try:
-            results[name] = await run()
+            if callers:
+                result = await workloads.unary(client, budget, callers, measuring)
+                if pids:
+                    used = {role: cpu_seconds(pid) - before[role] for role, pid in pids.items()}
+                    result["cpu_ms_per_call"] = {
+                        role: 1000 * seconds / result["calls"] for role, seconds in used.items()
+                    }
+                results[name] = result
+            else:
+                results[name] = await workloads.bulk(client, budget)
         except Exception as exc:
             results[name] = {"error": f"{type(exc).__name__}: {exc}"}
     return results
@@ -140,13 +168,15 @@ async def measure(pb_dir: Path, pb: ModuleType, budget: Budget) -> dict[str, Any
     """Direct to the backend, then through router and agent; same processes."""
     async with _deployment(pb_dir) as (backend_port, router_port, pids):
         results: dict[str, Any] = {"pids": pids}
+        everyone = {"caller": os.getpid(), **pids}
         for name, port, metadata in (
             ("direct", backend_port, None),
             ("routed", router_port, {"tunnel-key": KEY}),
         ):
             channel = grpclib.client.Channel("127.0.0.1", port)
             try:
-                results[name] = await _rates(GrpclibClient(channel, pb, metadata), budget)
+                client = GrpclibClient(channel, pb, metadata)
+                results[name] = await _rates(client, budget, everyone)
             finally:
                 channel.close()
         return results

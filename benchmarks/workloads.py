@@ -147,13 +147,23 @@ async def _timed_loop(
         done += 1
 
 
-async def unary(client: Client, budget: Budget, callers: int) -> dict[str, float]:
-    """Unary calls/s and latency percentiles with *callers* concurrent callers."""
+async def unary(
+    client: Client,
+    budget: Budget,
+    callers: int,
+    measuring: Callable[[], None] | None = None,
+) -> dict[str, float]:
+    """Unary calls/s and latency percentiles with *callers* concurrent callers.
+
+    ``measuring`` is called when the warm-up is over and the measure starts.
+    """
 
     async def call() -> None:
         await client.unary(UNARY_PAYLOAD)
 
     await asyncio.gather(*(_timed_loop(call, budget.warmup, None) for _ in range(callers)))
+    if measuring is not None:
+        measuring()
     latencies: list[float] = []
     start = time.perf_counter()
     counts = await asyncio.gather(

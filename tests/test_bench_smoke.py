@@ -116,7 +116,11 @@ def test_quick_router_bench_runs(tmp_path: Path) -> None:
         assert not errors, errors
         assert results[route]["unary_1"]["calls_per_s"] > 0
         assert results[route]["bulk"]["mib_per_s"] > 0
+        cpu = results[route]["unary_16"]["cpu_ms_per_call"]
+        assert set(cpu) == {"caller", "backend", "router", "agent"}
+        assert all(ms >= 0 for ms in cpu.values())
     assert "caller -> router -> agent -> backend" in done.stdout
+    assert "unary, 16 callers: CPU ms per call" in done.stdout
 
 
 @pytest.mark.timeout(120)
