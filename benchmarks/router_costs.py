@@ -7,6 +7,10 @@ in ONE process and one event loop, over loopback TCP, so that every figure
 is CPU time per call of the whole chain, and the chains compare directly:
 
 * ``direct``: caller -> backend (plain grpclib);
+* ``reverse tunnel``: the caller's call goes through a reverse tunnel to a
+  device serving the benchmark service itself (``handler.as_channel()``):
+  one tunnel hop where ``direct`` has one grpclib hop, what the router ->
+  agent hop costs without the proxies on either side;
 * ``noop relays``: caller -> relay -> relay -> backend, each relay a plain
   grpclib server whose Unary handler makes the same call with a plain
   grpclib client (bytes in, bytes out, nothing else): the floor of any
@@ -47,7 +51,7 @@ from grpclib.const import Cardinality, Handler
 from tunnel import Proxy, install_fallback
 from tunnel.raw import RawMessage
 
-from .grpclib_side import SERVICE, BenchService
+from .grpclib_side import SERVICE, BenchService, transport
 from .protos import generate, load
 from .workloads import UNARY_PAYLOAD
 
@@ -186,7 +190,7 @@ async def _per_call(
     return (time.process_time() - cpu) / sum(counts) * 1e6, sum(counts)
 
 
-VARIANTS = ("direct", "noop relays", "proxy relays", "router + agent")
+VARIANTS = ("direct", "reverse tunnel", "noop relays", "proxy relays", "router + agent")
 
 
 async def _measure(pb: Any, args: argparse.Namespace) -> dict[str, dict[int, list[float]]]:
@@ -196,6 +200,7 @@ async def _measure(pb: Any, args: argparse.Namespace) -> dict[str, dict[int, lis
     backend_port = await _serve(backend)
     try:
         async with (
+            transport("reverse", pb) as reverse,
             _relays(backend_port, _noop_server) as noop_port,
             _relays(backend_port, _proxy_server) as proxy_port,
             _programs(backend_port) as router_port,
@@ -208,6 +213,7 @@ async def _measure(pb: Any, args: argparse.Namespace) -> dict[str, dict[int, lis
             }
             metadata = {"tunnel-key": KEY}
             channels = {v: grpclib.client.Channel("127.0.0.1", p) for v, p in ports.items()}
+            channels["reverse tunnel"] = reverse.channel
             try:
                 calls: dict[str, Call] = {}
                 for variant, channel in channels.items():

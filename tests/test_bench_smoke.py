@@ -155,7 +155,7 @@ def test_router_costs_runs() -> None:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     lines = done.stdout.splitlines()
-    for variant in ("direct", "noop relays", "proxy relays", "router + agent"):
+    for variant in ("direct", "reverse tunnel", "noop relays", "proxy relays", "router + agent"):
         (row,) = [line for line in lines if line.startswith(variant)]
         assert float(row.split()[-2]) > 0  # µs per call
     assert any(line.split()[:2] == ["socket", "sends"] for line in lines)
