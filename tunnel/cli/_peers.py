@@ -229,6 +229,7 @@ class PeerChannels:
         if proxy is None:
             target: Address = address(peer)
             channel = grpclib.client.Channel(target.host, target.port, ssl=self._ssl)
+            _seam.coalesce_writes(channel)  # a call's frames in one write (tunnel._coalesce)
             self._channels.append(channel)
             proxy = self._proxies[peer] = Proxy(channel, drop_metadata=self._drop)
         return proxy
@@ -243,6 +244,7 @@ class PeerChannels:
 def peer_server(fallback: Fallback, secret: str | None) -> grpclib.server.Server:
     """The peer listener: forwarded calls only, from routers that know ``secret``."""
     server = grpclib.server.Server([])
+    _seam.coalesce_writes(server)  # a call's frames in one write (tunnel._coalesce)
     install_fallback(server, fallback)
     if secret is not None:
         expected = secret.encode()
