@@ -412,15 +412,27 @@ def record_connections(server: grpclib.server.Server) -> weakref.WeakSet[Any]:
     forgotten with it.
     """
     connections: weakref.WeakSet[Any] = weakref.WeakSet()
-    make_protocol = server._protocol_factory
+    _each_new_protocol(server, connections.add)
+    return connections
 
-    def recording_factory() -> Any:
+
+def _each_new_protocol(
+    target: grpclib.server.Server | grpclib.client.Channel, see: Callable[[Any], None]
+) -> None:
+    """Call ``see`` with the ``H2Protocol`` of each connection ``target`` makes from now on.
+
+    Relies on ``Server._protocol_factory`` and ``Channel._protocol_factory``:
+    the method each makes a connection's protocol with, looked up on the
+    instance when the server starts listening or the channel connects.
+    """
+    make_protocol = target._protocol_factory
+
+    def factory() -> Any:
         protocol = make_protocol()
-        connections.add(protocol)
+        see(protocol)
         return protocol
 
-    server._protocol_factory = recording_factory  # type: ignore[method-assign]
-    return connections
+    target._protocol_factory = factory  # type: ignore[method-assign]
 
 
 def drop_connections(connections: weakref.WeakSet[Any]) -> None:
@@ -459,24 +471,19 @@ def coalesce_writes(target: grpclib.server.Server | grpclib.client.Channel) -> N
     ``start()``, a ``Channel`` before its first call), see
     ``_coalesce.CoalescingTransport``.  grpclib writes each HTTP/2 frame
     with its own ``transport.write()`` and has no setting for anything
-    else.  Relies on: both classes make each connection's ``H2Protocol``
-    with their ``_protocol_factory`` method, looked up on the instance when
-    they connect or start listening; ``H2Protocol.connection_made`` keeps
-    the transport it is given (in its ``Connection`` and every ``Stream``),
-    and grpclib uses only the public transport API on it (``write``,
-    ``close``, ``is_closing``, ``get_extra_info``), as our own touches do
-    (``abort``).
+    else.  Relies on ``_each_new_protocol``'s touch, and on:
+    ``H2Protocol.connection_made`` keeps the transport it is given (in its
+    ``Connection`` and every ``Stream``), and grpclib uses only the public
+    transport API on it (``write``, ``close``, ``is_closing``,
+    ``get_extra_info``), as our own touches do (``abort``).
     """
-    make_protocol = target._protocol_factory
 
-    def coalescing_factory() -> Any:
-        protocol = make_protocol()
+    def coalescing(protocol: Any) -> None:
         connection_made = protocol.connection_made
 
         def made(transport: asyncio.BaseTransport) -> None:
             connection_made(CoalescingTransport(cast(asyncio.Transport, transport)))
 
-        protocol.connection_made = made  # type: ignore[method-assign]
-        return protocol
+        protocol.connection_made = made
 
-    target._protocol_factory = coalescing_factory  # type: ignore[method-assign]
+    _each_new_protocol(target, coalescing)
