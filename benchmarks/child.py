@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import platform
@@ -30,6 +31,8 @@ from .workloads import FULL, QUICK, Budget
 
 #: No single measurement may take longer than this (seconds).
 STEP_TIMEOUT = 90.0
+#: The transports of ``benchmarks.grpclib_side``.
+GRPCLIB_KINDS = ("direct", "forward", "reverse", "forward-wide")
 
 
 def _version(dist: str) -> str | None:
@@ -53,7 +56,7 @@ async def _step(
 
 
 async def _measure(args: argparse.Namespace, budget: Budget) -> dict[str, Any]:
-    from .profiling import profile_unary
+    from .profiling import profile_bulk, profile_unary
 
     results: dict[str, Any] = {}
     pb_dir = Path(args.pb_dir)
@@ -68,11 +71,14 @@ async def _measure(args: argparse.Namespace, budget: Budget) -> dict[str, Any]:
 
         pb, _ = protos.load(pb_dir)
         return await registry_side.measure(pb_dir, pb, budget)
-    if args.transport in ("direct", "forward", "reverse", "forward-wide"):
+    more: dict[str, Callable[[], Awaitable[dict[str, Any]]]] = {}
+    if args.transport in GRPCLIB_KINDS:
         from . import grpclib_side
 
         pb, _ = protos.load(pb_dir)
         context = grpclib_side.transport(args.transport, pb)
+        # The mix serves another service (tunnel.testing's): a setup of its own.
+        more["mix"] = functools.partial(grpclib_side.mix, args.transport, pb, budget.mix_seconds)
     else:
         from . import grpcio_side
 
@@ -92,6 +98,8 @@ async def _measure(args: argparse.Namespace, budget: Budget) -> dict[str, Any]:
             "server_stream": lambda: workloads.server_stream(client, budget),
             "bulk": lambda: workloads.bulk(client, budget),
             "profile": lambda: profile_unary(client, budget.profile_calls),
+            "profile_bulk": lambda: profile_bulk(client, budget.profile_bulk_messages),
+            **more,
         }
         for name in args.steps.split(","):
             await _step(results, name, steps[name])

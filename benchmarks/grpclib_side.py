@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import itertools
 import socket
+import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from types import ModuleType
@@ -173,9 +174,14 @@ class Setup:
 
 
 @contextlib.asynccontextmanager
-async def transport(kind: str, pb: ModuleType) -> AsyncIterator[Setup]:
-    """A server and a :class:`GrpclibClient` of *kind* (direct, forward, reverse)."""
-    service = BenchService(pb)
+async def transport(kind: str, pb: ModuleType, service: Any = None) -> AsyncIterator[Setup]:
+    """A server and a :class:`GrpclibClient` of *kind* (direct, forward, reverse).
+
+    The server serves :class:`BenchService`, or *service* instead (the
+    SendRPCs mix runs against ``tunnel.testing``'s ``TestService``).
+    """
+    if service is None:
+        service = BenchService(pb)
     handler = tunnel.TunnelServiceHandler(
         [service],
         affinity_key=_bench_key,
@@ -231,3 +237,27 @@ async def transport(kind: str, pb: ModuleType) -> AsyncIterator[Setup]:
                     ch.close()
 
         yield Setup(GrpclibClient(channel, pb), connect, channel)
+
+
+async def mix(kind: str, pb: ModuleType, seconds: float) -> dict[str, float]:
+    """The reference's SendRPCs load for *seconds*: completed calls/s of each kind.
+
+    ``tunnel.testing``'s ``send_rpcs`` (the load jhump/grpctunnel's interop
+    programs put on every tunnel: unary calls of 400 bytes, client streams
+    of 10 x 40 KB, server and bidi streams of 10 x 4 KB, four loops at once
+    on one channel) against ``tunnel.testing``'s ``TestService``, over this
+    transport.  Each loop finishes the call it is in when the time is up, so
+    every call counted completed; rates are over the whole time, those last
+    calls included.  The messages are betterproto's (as in the reference's
+    load), the same for every transport.
+    """
+    from tunnel.testing._load import send_rpcs
+    from tunnel.testing.service import TestService
+
+    async with transport(kind, pb, TestService()) as setup:
+        await send_rpcs(setup.channel, duration=min(0.5, seconds / 4))  # warm-up
+        start = time.perf_counter()
+        stats = await send_rpcs(setup.channel, duration=seconds)
+        elapsed = time.perf_counter() - start
+    rates = {f"{call}_per_s": count / elapsed for call, count in stats.calls.items()}
+    return {**rates, "calls_per_s": stats.total / elapsed, "seconds": elapsed}

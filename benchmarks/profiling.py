@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .workloads import UNARY_PAYLOAD, Client
+from .workloads import BULK_PAYLOAD, UNARY_PAYLOAD, Client, echo_bulk
 
 ROOT = Path(__file__).resolve().parent.parent
 _TUNNEL = str(ROOT / "tunnel") + "/"
@@ -65,6 +65,27 @@ def _bucket_of_file(filename: str) -> str:
     return "other"
 
 
+#: Chunks of one 1 MiB message: the tunnel cuts messages into 16 KiB chunks,
+#: and direct grpclib sends 16 KiB HTTP/2 DATA frames (h2's default
+#: SETTINGS_MAX_FRAME_SIZE), so the unit is the same for every transport.
+CHUNK = 16_384
+CHUNKS_PER_MESSAGE = len(BULK_PAYLOAD) // CHUNK
+
+#: Built-in calls that copy bytes, for the census of copies in
+#: :func:`profile_bulk`.  Copies made by operators and constructors
+#: (``bytes(view)``, slicing, ``bytearray +=``) are invisible to cProfile.
+_COPYING = {
+    "<method 'join' of 'bytes' objects>": "bytes.join",
+    "<method 'SerializeToString' of 'google._upb._message.Message' objects>": "upb encode",
+    "<built-in method FromString>": "upb decode",
+    "<method 'tobytes' of 'memoryview' objects>": "memoryview.tobytes",
+    "<built-in method binascii.hexlify>": "hexlify",
+    "<method 'read' of '_io.BytesIO' objects>": "BytesIO.read",
+    "<method 'send' of '_socket.socket' objects>": "socket.send",
+    "<method 'recv' of '_socket.socket' objects>": "socket.recv",
+}
+
+
 def _is_upb(name: str) -> bool:
     return "_upb" in name or "FromString" in name or "SerializeToString" in name
 
@@ -88,7 +109,14 @@ def attribute(stats: dict[Any, Any]) -> dict[str, float]:
 
 
 def _short(filename: str) -> str:
-    return filename[len(str(ROOT)) + 1 :] if filename.startswith(str(ROOT)) else filename
+    """A file's name relative to the checkout, site-packages or the standard library."""
+    if filename.startswith(str(ROOT)) and "site-packages/" not in filename:
+        return filename[len(str(ROOT)) + 1 :]
+    for marker in ("site-packages/", "/lib/python3."):
+        if marker in filename:
+            tail = filename.split(marker, 1)[1]
+            return tail if marker == "site-packages/" else tail.split("/", 1)[1]
+    return filename
 
 
 def frame_codec(repeat: int = 2000) -> dict[str, float]:
@@ -173,4 +201,74 @@ async def profile_unary(client: Client, calls: int) -> dict[str, Any]:
         "profiled_us_per_call": profiled / calls * 1e6,
         "buckets_us_per_call": {k: v / calls * 1e6 for k, v in buckets.items()},
         "tunnel_hot_spots": hot[:15],
+    }
+
+
+def _h2_repr(stats: dict[Any, Any]) -> float:
+    """Seconds h2 spent on ``repr`` of the frames it received (cumulative).
+
+    h2's ``H2Connection._receive_frame`` logs ``repr(frame)`` at trace level
+    for every frame, computed even though grpclib's logger discards it, and
+    hyperframe's repr of a DATA frame hexlifies the whole payload.
+    """
+    return sum(
+        cumtime
+        for (filename, _line, name), (_cc, _nc, _tt, cumtime, _callers) in stats.items()
+        if name == "__repr__" and filename.endswith("hyperframe/frame.py")
+    )
+
+
+def _copies(stats: dict[Any, Any], units: int) -> list[dict[str, Any]]:
+    """Calls of copying built-ins per chunk, by the function that made them."""
+    rows: list[dict[str, Any]] = []
+    for (filename, _line, name), (_cc, _nc, _tt, _ct, callers) in stats.items():
+        if filename != "~" or name not in _COPYING:
+            continue
+        for (caller_file, line, caller), edge in callers.items():
+            calls = edge[1]
+            if calls / units < 0.25:
+                continue
+            rows.append(
+                {
+                    "copy": _COPYING[name],
+                    "by": f"{_short(caller_file)}:{line}({caller})",
+                    "layer": _bucket_of_file(caller_file),
+                    "calls_per_chunk": calls / units,
+                    "own_us_per_chunk": edge[2] / units * 1e6,
+                }
+            )
+    rows.sort(key=lambda r: (r["layer"], -r["calls_per_chunk"]))
+    return rows
+
+
+async def profile_bulk(client: Client, messages: int) -> dict[str, Any]:
+    """Profile *messages* 1 MiB messages echoed; µs per 16 KiB chunk by bucket.
+
+    Each message crosses the connection once each way, so the unit is one
+    16 KiB chunk crossing once: the figures are per ``messages * 2 *
+    CHUNKS_PER_MESSAGE`` chunks.  Besides the buckets: the part of grpclib +
+    h2 that is h2's ``repr`` of received frames, and a census of the
+    built-in calls that copy bytes, per chunk.
+    """
+    units = messages * 2 * CHUNKS_PER_MESSAGE
+    await echo_bulk(client, 2)
+    plain = await echo_bulk(client, messages)
+    await asyncio.sleep(0)
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    await echo_bulk(client, messages)
+    profiler.disable()
+    stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
+
+    buckets = attribute(stats)
+    profiled = sum(buckets.values())
+    return {
+        "messages": messages,
+        "chunks": units,
+        "unprofiled_us_per_chunk": plain / units * 1e6,
+        "profiled_us_per_chunk": profiled / units * 1e6,
+        "buckets_us_per_chunk": {k: v / units * 1e6 for k, v in buckets.items()},
+        "h2_repr_us_per_chunk": _h2_repr(stats) / units * 1e6,
+        "copies": _copies(stats, units),
     }

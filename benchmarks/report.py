@@ -52,6 +52,10 @@ def rows(many: int) -> list[Row]:
         Row("unary_16.p99_us", "unary, 16 callers: p99 µs", False),
         Row("server_stream.msgs_per_s", "server streaming: msgs/s (100 B)", True),
         Row("bulk.mib_per_s", "bulk, 1 MiB msgs echoed: MiB/s", True, 1),
+        Row("mix.unary_per_s", "SendRPCs mix: unary calls/s", True),
+        Row("mix.client_stream_per_s", "SendRPCs mix: client-streaming calls/s", True),
+        Row("mix.server_stream_per_s", "SendRPCs mix: server-streaming calls/s", True),
+        Row("mix.bidi_per_s", "SendRPCs mix: bidi calls/s", True),
         Row("many_streams.seconds", f"{many:,} concurrent streams: s", False, 2),
         Row("many_streams.peak_in_flight", f"{many:,} streams: most in flight", True),
         Row("many_streams.peak_rss_growth_mib", f"{many:,} streams: peak RSS growth MiB", False, 1),
@@ -129,8 +133,8 @@ def targets(runs: list[dict[str, Any]], many: int) -> list[str]:
     """One line per target of the benchmark issue, with the measured figure."""
     lines: list[str] = []
 
-    def ratio_line(label: str, key: str, least: float) -> None:
-        ours, base = _get(runs, "forward", key), _get(runs, "direct", key)
+    def ratio_line(label: str, key: str, least: float, transport: str = "forward") -> None:
+        ours, base = _get(runs, transport, key), _get(runs, "direct", key)
         if ours is None or base is None:
             lines.append(f"- {label}: not measured")
             return
@@ -142,6 +146,10 @@ def targets(runs: list[dict[str, Any]], many: int) -> list[str]:
     ratio_line("forward unary calls/s (16 callers)", "unary_16.calls_per_s", 1.0)
     ratio_line("forward streaming msgs/s", "server_stream.msgs_per_s", 0.9)
     ratio_line("forward bulk MiB/s", "bulk.mib_per_s", 0.8)
+    ratio_line("forward bulk MiB/s, 1 MiB windows", "bulk.mib_per_s", 1.0, "forward-wide")
+    for kind in ("unary", "client_stream", "server_stream", "bidi"):
+        label = f"forward SendRPCs mix, {kind.replace('_', '-')} calls/s"
+        ratio_line(label, f"mix.{kind}_per_s", 1.0)
     for ours, theirs in (("forward", "gt-forward"), ("reverse", "gt-reverse")):
         if not any(r["transport"] == theirs for r in runs):
             lines.append(f"- {ours} ahead of grpctunnel-py: not measured (not installed)")
@@ -250,6 +258,56 @@ def profile_section(runs: list[dict[str, Any]]) -> str:
     return "\n\n".join(out)
 
 
+def bulk_profile_section(runs: list[dict[str, Any]]) -> str:
+    """µs per 16 KiB chunk of one 1 MiB message each way, by bucket; the copies."""
+    profiled = [
+        r
+        for r in runs
+        if r["loop"] == "asyncio"
+        and "buckets_us_per_chunk" in r.get("results", {}).get("profile_bulk", {})
+    ]
+    if not profiled:
+        return "No profile was taken."
+    first = profiled[0]["results"]["profile_bulk"]
+    header = ["bucket (own time)", *(column_name(r) + " µs (share)" for r in profiled)]
+    body: list[list[str]] = []
+    for bucket in first["buckets_us_per_chunk"]:
+        cells = [bucket]
+        for r in profiled:
+            p = r["results"]["profile_bulk"]
+            us = p["buckets_us_per_chunk"][bucket]
+            cells.append(f"{us:.1f} ({us / p['profiled_us_per_chunk']:.0%})")
+        body.append(cells)
+    cells = ["of grpclib + h2: h2's repr of each received frame"]
+    for r in profiled:
+        p = r["results"]["profile_bulk"]
+        us = p["h2_repr_us_per_chunk"]
+        cells.append(f"{us:.1f} ({us / p['profiled_us_per_chunk']:.0%})")
+    body.append(cells)
+    for label, field in (
+        ("total, profiled", "profiled_us_per_chunk"),
+        ("total, not profiled", "unprofiled_us_per_chunk"),
+    ):
+        body.append(
+            [f"**{label}**", *(f"**{r['results']['profile_bulk'][field]:.1f}**" for r in profiled)]
+        )
+    out = [_render(header, body, markdown=True)]
+    for r in profiled:
+        if r["transport"] == BASELINE:
+            continue
+        copies = ["| layer | copy | made by | calls per chunk |", "|---|---|---|---|"]
+        for c in r["results"]["profile_bulk"]["copies"]:
+            copies.append(
+                f"| {c['layer']} | {c['copy']} | `{c['by']}` | {c['calls_per_chunk']:.2f} |"
+            )
+        out.append(
+            f"Built-in calls that copy bytes, per chunk ({column_name(r)}, profiled; "
+            "copies by slicing, `bytes(view)` and `bytearray +=` are not seen):\n\n"
+            + "\n".join(copies)
+        )
+    return "\n\n".join(out)
+
+
 # -- the page and the chart ---------------------------------------------------------------
 
 
@@ -330,6 +388,15 @@ as above: for trio, the trio-asyncio loop inside `trio.run`.
 ## Where the time of one unary call goes
 
 {profile_section(runs)}
+
+## Where the time of one 1 MiB message goes
+
+cProfile of 1 MiB messages echoed over one BidiStream call, as in the bulk
+row, attributed by module as above; in µs per 16 KiB chunk crossing once
+(a tunnel's chunk, or an HTTP/2 DATA frame of direct grpclib), so each
+message counts 128 chunks (64 each way).
+
+{bulk_profile_section(runs)}
 
 ## Analysis
 

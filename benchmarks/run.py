@@ -88,6 +88,14 @@ MEANING = """\
 - **bulk**: one BidiStream call at a time carrying {bulk} messages of 1 MiB,
   sent by one task and read back (echoed) by another, pipelined; MiB per
   second, each message counted once though it crosses the loopback twice.
+- **SendRPCs mix**: the load the reference's interop programs put on a
+  tunnel (`tunnel.testing`'s `send_rpcs`, jhump/grpctunnel's
+  `internal.SendRPCs`) for {mix} s: four loops at once on one channel
+  (tunnel), repeating unary calls (400 B), client-streaming calls (10
+  requests of 40,000 B), server-streaming calls (10 replies of 4,000 B) and
+  bidi calls (10 requests of 4,000 B, each echoed), against
+  `tunnel.testing`'s `TestService` (betterproto messages, as in the
+  reference); completed calls per second of each kind.
 - **{many} concurrent streams**: {many} BidiStream calls started at once on
   one channel (tunnel); each sends one message, reads the echo, half-closes
   and waits for the end of the call. *s* is the time until all have ended;
@@ -191,6 +199,10 @@ def _run_transport(
     )
     if kind in ROUTER_KINDS:
         groups = ["router"]
+    if kind in GRPCLIB_KINDS or kind in VARIANT_KINDS:
+        groups[-1] += ",mix"
+        if loop == "asyncio":
+            groups[-1] += ",profile_bulk"
     if loop == "asyncio" and kind in GRPCLIB_KINDS:
         groups[-1] += ",profile"
     print(f"{kind} ({loop}):", file=sys.stderr, flush=True)
@@ -360,6 +372,7 @@ def write_docs(data: dict[str, Any]) -> None:
     meaning = MEANING.format(
         stream_count=b["stream_count"],
         bulk=b["bulk_messages"],
+        mix=f"{b['mix_seconds']:g}",
         many=f"{b['many_streams']:,}",
         tunnels=f"{b['idle_tunnels']:,}",
         connections=-(-b["idle_tunnels"] // per),

@@ -45,10 +45,12 @@ class Budget:
     idle_tunnels: int  # tunnels held open for the memory figure
     idle_streams: int  # streams held open for the memory figure
     profile_calls: int  # unary calls under cProfile
+    mix_seconds: float  # seconds of the reference's SendRPCs load (5 in the reference)
+    profile_bulk_messages: int  # 1 MiB messages echoed under cProfile
 
 
-FULL = Budget(0.5, 2.0, 1000, 48, 1000, 1000, 100, 2000)
-QUICK = Budget(0.1, 0.3, 200, 8, 200, 100, 50, 200)
+FULL = Budget(0.5, 2.0, 1000, 48, 1000, 1000, 100, 2000, 5.0, 16)
+QUICK = Budget(0.1, 0.3, 200, 8, 200, 100, 50, 200, 0.5, 2)
 
 
 class Bidi(Protocol):
@@ -200,37 +202,41 @@ async def server_stream(client: Client, budget: Budget) -> dict[str, float]:
     return {"msgs_per_s": received / elapsed, "messages": received}
 
 
+async def echo_bulk(client: Client, n: int) -> float:
+    """Seconds to echo *n* 1 MiB messages over one BidiStream call, pipelined.
+
+    One task sends while another reads the echoes back.
+    """
+    start = time.perf_counter()
+    async with client.bidi() as call:
+
+        async def send() -> None:
+            for _ in range(n):
+                await call.send(BULK_PAYLOAD)
+
+        sender = asyncio.ensure_future(send())
+        try:
+            for _ in range(n):
+                if len(await call.recv()) != len(BULK_PAYLOAD):
+                    raise AssertionError("bulk echo lost bytes")
+            await sender
+        finally:
+            sender.cancel()
+    return time.perf_counter() - start
+
+
 async def bulk(client: Client, budget: Budget) -> dict[str, float]:
     """1 MiB messages echoed over one BidiStream, sender and receiver pipelined.
 
     Calls of ``bulk_messages`` messages each, until ``duration`` has passed;
     MiB/s counts each message once (it crosses the connection twice).
     """
-
-    async def run(n: int) -> float:
-        start = time.perf_counter()
-        async with client.bidi() as call:
-
-            async def send() -> None:
-                for _ in range(n):
-                    await call.send(BULK_PAYLOAD)
-
-            sender = asyncio.ensure_future(send())
-            try:
-                for _ in range(n):
-                    if len(await call.recv()) != len(BULK_PAYLOAD):
-                        raise AssertionError("bulk echo lost bytes")
-                await sender
-            finally:
-                sender.cancel()
-        return time.perf_counter() - start
-
-    await run(2)
+    await echo_bulk(client, 2)
     n = budget.bulk_messages
     sent = 0
     elapsed = 0.0
     while sent == 0 or elapsed < budget.duration:
-        elapsed += await run(n)
+        elapsed += await echo_bulk(client, n)
         sent += n
     return {"mib_per_s": sent / elapsed, "messages": sent, "seconds": elapsed}
 
