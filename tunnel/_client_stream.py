@@ -206,8 +206,8 @@ class TunnelClientStream(
         if self._discard:
             self._tunnel.acknowledge(self._stream_id, len(data))
             return
-        self._inbox.put(data, end_of_message)
-        self._changed.set()
+        if self._inbox.put(data, end_of_message):
+            self._changed.set()
 
     def _on_end(self, status: StatusProto | None, trailers: MetadataPairs, *, abrupt: bool) -> None:
         if self._end is not None:
@@ -421,7 +421,12 @@ class TunnelClientStream(
                         await self._finish_trailers()
                     raise status_error(self._end[0], self._status_details_codec)
                 return None
-            await self._wait_change()
+            inbox = self._inbox
+            inbox.reading = True
+            try:
+                await self._wait_change()
+            finally:
+                inbox.reading = False
 
     def _outgoing_ended(self) -> bool:
         return self._end_done or (

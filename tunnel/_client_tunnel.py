@@ -221,9 +221,7 @@ class ClientTunnel(Tunnel[ServerToClient, ClientToServer]):
         self.driver.release_waiters(stream_id)
 
     def acknowledge(self, stream_id: int, n: int) -> None:
-        self.core.acknowledge(stream_id, n)
-        if self.core.has_frames():
-            self.driver.wake()
+        self.driver.acknowledge(stream_id, n)
 
     @property
     def usable(self) -> bool:

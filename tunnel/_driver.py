@@ -66,6 +66,9 @@ class Driver(Generic[InFrame, OutFrame]):
         self._wakeup = asyncio.Event()
         #: Streams waiting for their queued message to be written.
         self._flush_waiters: dict[int, asyncio.Future[None]] = {}
+        #: Bytes the application consumed per stream, not yet given back to
+        #: the core (``acknowledge``).
+        self._consumed: dict[int, int] = {}
         self._writer_idle = asyncio.Event()
         self._writer_idle.set()
         #: Set by the writer once the backlog is low again, for a reader
@@ -81,6 +84,31 @@ class Driver(Generic[InFrame, OutFrame]):
     def wake(self) -> None:
         """Tell the writer the core may have frames to send."""
         self._wakeup.set()
+
+    def acknowledge(self, stream_id: int, n: int) -> None:
+        """The application consumed ``n`` bytes of a stream's data.
+
+        The window goes back to the core when the writer next runs, as one
+        ``window_update`` per stream for everything consumed since its last
+        batch: a bulk reader consumes a chunk at a time, and a frame per
+        chunk (encoded, sent, parsed and applied by the peer) costs as much
+        as a quarter of the chunk itself.  The peer accepts any split of the
+        same sum (PROTOCOL.md), and nothing is held back longer than the
+        writer takes to wake up, so the sender never waits on it.  The core
+        still decides whether an update may go out at all (none on a stream
+        that is over or half-closed by the peer).
+        """
+        consumed = self._consumed
+        consumed[stream_id] = consumed.get(stream_id, 0) + n
+        self._wakeup.set()
+
+    def _give_back(self) -> None:
+        """Hand what the application consumed to the core (``acknowledge``)."""
+        consumed = self._consumed
+        acknowledge = self.core.acknowledge
+        for stream_id, n in consumed.items():
+            acknowledge(stream_id, n)
+        consumed.clear()
 
     async def flushed(self, stream_id: int) -> None:
         """Wait while a stream has more than ``SEND_BUFFER`` bytes queued.
@@ -124,7 +152,10 @@ class Driver(Generic[InFrame, OutFrame]):
         send = self._send
         send_batch = self._send_batch
         clock = asyncio.get_running_loop().time
+        consumed = self._consumed
         while True:
+            if consumed:
+                self._give_back()
             frame = core.next_frame()
             if frame is None:
                 self._writer_idle.set()
@@ -159,7 +190,7 @@ class Driver(Generic[InFrame, OutFrame]):
 
     async def drain(self) -> None:
         """Wait until the writer has written everything the core queued."""
-        while self.core.has_frames() or not self._writer_idle.is_set():
+        while self.core.has_frames() or self._consumed or not self._writer_idle.is_set():
             self._writer_idle.clear()
             self.wake()
             await self._writer_idle.wait()

@@ -87,8 +87,8 @@ class TunnelServerStream(
     # -- events from the tunnel ----------------------------------------------
 
     def _on_data(self, data: bytes, end_of_message: bool) -> None:
-        self._inbox.put(data, end_of_message)
-        self._changed.set()
+        if self._inbox.put(data, end_of_message):
+            self._changed.set()
 
     def _on_half_close(self) -> None:
         self._half_closed = True
@@ -148,8 +148,13 @@ class TunnelServerStream(
                 raise StreamTerminatedError("stream was reset by the tunnel client")
             if self._half_closed:
                 return None
+            inbox = self._inbox
+            inbox.reading = True
             self._changed.clear()
-            await self._changed.wait()
+            try:
+                await self._changed.wait()
+            finally:
+                inbox.reading = False
 
     # -- sending -----------------------------------------------------------------
 

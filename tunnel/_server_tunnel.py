@@ -262,9 +262,7 @@ class ServerTunnel(Tunnel[ClientToServer, ServerToClient]):
     # -- the calls' side ---------------------------------------------------------
 
     def acknowledge(self, stream_id: int, n: int) -> None:
-        self.core.acknowledge(stream_id, n)
-        if self.core.has_frames():
-            self.driver.wake()
+        self.driver.acknowledge(stream_id, n)
 
     def send_headers(self, stream_id: int, metadata: list[tuple[str, str | bytes]]) -> None:
         if self.core.is_open(stream_id):
