@@ -16,9 +16,23 @@ frame of 200 MiB would cost 200 MiB (twice, while it is parsed).  So when
 the carrying call is a genuine grpclib stream, frames are read here off its
 HTTP/2 stream: the prefix first, then the body only if the announced length
 is within ``max_frame_size``.  A longer frame ends the tunnel with
-``FrameTooLarge`` (RESOURCE_EXHAUSTED) without a byte of its body read; the
-bytes already received stay unacknowledged in grpclib's buffer, so the peer
-can never have more than the HTTP/2 stream window in flight.
+``FrameTooLarge`` (RESOURCE_EXHAUSTED) with at most ``READ_LIMIT`` bytes
+of it read; the bytes received beyond those stay unacknowledged in
+grpclib's buffer, so the peer can never have more than the HTTP/2 stream
+window in flight.
+
+Reading many frames at once:
+
+Frames are read off the HTTP/2 stream as they arrived, a DATA frame's worth
+(at most ``READ_LIMIT`` bytes) at a time, and every whole frame in it is
+parsed at once; ``recv`` then hands them out one by one without touching
+the stream again.  What is held beyond the frames parsed is the start of
+the next frame, whose prefix was checked against the bound before any more
+was read.  So each end of the carrying connection also lets its peer send
+HTTP/2 DATA frames of up to ``DATA_FRAME_SIZE`` bytes
+(``_seam.receive_large_frames``): a batch of chunks then crosses in a few
+DATA frames instead of one per 16 KiB, and grpclib and h2 work per DATA
+frame, not per byte.
 
 What grpclib's ``recv_message`` does and this keeps: the compressed-flag
 byte is honoured (no compression is ever negotiated on the carrying call,
@@ -54,10 +68,10 @@ Every touch of grpclib's internals used here is in ``_seam``.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Generic, TypeVar
 
-import grpclib.protocol
 from google.protobuf.message import DecodeError, Message
 from grpclib.protocol import Peer
 
@@ -65,7 +79,16 @@ from . import _seam
 from ._core.framing import PREFIX_SIZE, decode_frame, frame_length, frame_prefix
 from .errors import FrameTooLarge, RemoteProtocolError
 
-__all__ = ["BatchSender", "StreamCarrier", "batch_sender"]
+__all__ = ["DATA_FRAME_SIZE", "READ_LIMIT", "BatchSender", "StreamCarrier", "batch_sender"]
+
+#: The longest HTTP/2 DATA frame each end of a carrying connection takes
+#: (``_seam.receive_large_frames``): eight chunks, so a batch of frames
+#: crosses in a few DATA frames.
+DATA_FRAME_SIZE = 128 * 1024
+#: The most bytes of the carrying stream read in one go.
+READ_LIMIT = 256 * 1024
+
+_CUT = "the carrying call ended in the middle of a frame"
 
 BatchSender = Callable[[Sequence[Message]], Awaitable[None]]
 
@@ -114,6 +137,14 @@ class StreamCarrier(Generic[SendFrame, RecvFrame]):
         self._h2 = _seam.http2_stream(stream)
         self._wrapper = _seam.call_wrapper(stream)
         self.send_batch = batch_sender(stream)
+        #: Frames read and parsed, not yet handed out by ``recv``.
+        self._frames: deque[RecvFrame] = deque()
+        #: Bytes read of a frame not yet whole (its prefix checked).
+        self._partial = bytearray()
+        #: What the frames read so far broke, raised after the frames before it.
+        self._broken: RemoteProtocolError | None = None
+        if self._h2 is not None:
+            _seam.receive_large_frames(self._h2, DATA_FRAME_SIZE)
 
     async def send(self, frame: SendFrame) -> None:
         await self._stream.send_message(frame)
@@ -124,24 +155,54 @@ class StreamCarrier(Generic[SendFrame, RecvFrame]):
         Raises ``RemoteProtocolError`` (``FrameTooLarge`` for a frame over
         the bound) if the frame cannot be taken: that ends the tunnel.
         """
-        if self._h2 is None:
+        frames = self._frames
+        if frames:
+            return frames.popleft()
+        h2 = self._h2
+        if h2 is None:
             return await self._recv_reassembled()
-        with self._wrapper:
-            data = await self._read(self._h2)
-        return None if data is None else decode_frame(self._recv_type, data)
-
-    async def _read(self, h2: grpclib.protocol.Stream) -> bytes | None:
-        try:
-            prefix = await _seam.recv_data(h2, PREFIX_SIZE)
-            if not prefix:
+        while not frames:
+            if self._broken is not None:
+                raise self._broken
+            try:
+                with self._wrapper:
+                    parts = await _seam.recv_some(h2, READ_LIMIT)
+            except _seam.DataTruncated:
+                raise RemoteProtocolError(_CUT) from None
+            if not parts:
+                if self._partial:
+                    raise RemoteProtocolError(_CUT)
                 return None
-            length = frame_length(prefix, self.max_frame_size)
-            data = await _seam.recv_data(h2, length)
-        except _seam.DataTruncated:
-            data, length = b"", -1
-        if len(data) != length:
-            raise RemoteProtocolError("the carrying call ended in the middle of a frame")
-        return data
+            self._parse(parts)
+        return frames.popleft()
+
+    def _parse(self, parts: list[bytes]) -> None:
+        """Parse every whole frame of what was read (after what was held)."""
+        partial = self._partial
+        for part in parts:
+            partial += part
+        frames = self._frames
+        limit = self.max_frame_size
+        recv_type = self._recv_type
+        end = len(partial)
+        start = 0
+        view = memoryview(partial)
+        try:
+            while end - start >= PREFIX_SIZE:
+                body = start + PREFIX_SIZE
+                stop = body + frame_length(view[start:body], limit)
+                if stop > end:
+                    break
+                frames.append(decode_frame(recv_type, view[body:stop]))
+                start = stop
+        except RemoteProtocolError as error:
+            # Nothing more is parsed.  The buffer is dropped, not trimmed:
+            # views of it live on in the error's traceback.
+            self._broken = error
+            self._partial = bytearray()
+            return
+        view.release()
+        del partial[:start]
 
     async def _recv_reassembled(self) -> RecvFrame | None:
         # A tunneled carrying call: the outer tunnel bounded the reassembly.

@@ -44,6 +44,13 @@ The touches, one line each (keep this list in step with the code):
 * ``protocol.Stream.recv_data`` (``recv_data``), that is
   ``protocol.Buffer.read``: read the 5-byte gRPC prefix of a message before
   deciding to read its body; data is acknowledged as it is read.
+* ``protocol.Stream.buffer._acked_size`` (``recv_some``): how much of the
+  DATA taken from the connection is still unread, to read what has
+  arrived of many frames at once.
+* ``protocol.Stream.connection._connection`` (the ``h2`` connection), its
+  ``update_settings`` and ``max_inbound_frame_size``
+  (``receive_large_frames``): let the peer send longer HTTP/2 DATA frames
+  on a carrying connection.
 * ``client.Stream._wrapper`` (``call_wrapper``): so that a read outside
   grpclib's own methods still wakes up when the connection is lost.
 * ``Server._mapping`` (the dict every connection looks methods up in
@@ -81,6 +88,7 @@ import grpclib.server
 import grpclib.utils
 from grpclib.const import Handler
 from grpclib.encoding.base import CodecBase, StatusDetailsCodecBase
+from h2.settings import SettingCodes
 
 from ._coalesce import CoalescingTransport
 
@@ -102,9 +110,11 @@ __all__ = [
     "http2_pinger",
     "http2_stream",
     "http2_stream_limit_reached",
+    "receive_large_frames",
     "received_status_headers",
     "record_connections",
     "recv_data",
+    "recv_some",
     "replace_server_mapping",
     "send_data",
     "use_status_details_codec",
@@ -295,6 +305,67 @@ async def recv_data(h2: grpclib.protocol.Stream, size: int) -> bytes:
         return await h2.recv_data(size)
     except AssertionError:
         raise DataTruncated(f"the stream ended within {size} bytes of data") from None
+
+
+async def recv_some(h2: grpclib.protocol.Stream, limit: int) -> list[bytes]:
+    """What has arrived of the stream's DATA, at most ``limit`` bytes, in order.
+
+    Waits for the first DATA frame if nothing is unread; returns ``[]`` at
+    the end of the stream (and raises ``DataTruncated`` where ``recv_data``
+    would for an empty DATA frame before the end).  The bytes come as one or
+    two parts, whose sum is between 1 and ``limit``.
+
+    A carrying call's frames are small and many: reading each one's prefix
+    and body with a ``recv_data`` apiece costs two reads per frame, where
+    this costs two per HTTP/2 DATA frame, however many frames it holds.
+    Relies on ``protocol.Buffer``: ``read`` takes whole DATA frames off the
+    connection, acknowledging each, and keeps what it did not return in the
+    buffer, counted by ``_acked_size``, for the next read, which returns it
+    without waiting.  So a read of one byte waits for a DATA frame and
+    leaves the rest of it unread, and a read of ``_acked_size`` bytes takes
+    exactly what is unread.  Nothing beyond ``limit`` is acknowledged, so
+    the peer's HTTP/2 window still bounds what it can make us hold.
+    """
+    ready = int(h2.buffer._acked_size)
+    if ready:
+        return [await recv_data(h2, min(ready, limit))]
+    first = await recv_data(h2, 1)
+    if not first:
+        return []
+    ready = min(int(h2.buffer._acked_size), limit - 1)
+    return [first, await recv_data(h2, ready)] if ready > 0 else [first]
+
+
+def receive_large_frames(h2: grpclib.protocol.Stream, size: int) -> None:
+    """Let the peer send HTTP/2 DATA frames of up to ``size`` bytes on this connection.
+
+    h2 takes frames of at most 16 KiB (the HTTP/2 default of
+    SETTINGS_MAX_FRAME_SIZE) unless told otherwise, and grpclib never tells
+    it: a tunnel's batch of frames then crosses as one DATA frame per 16
+    KiB, and h2 and grpclib spend as much per frame, whatever its size, as
+    the tunnel spends on a chunk.  Announcing a larger maximum lets a peer
+    that honours it (grpclib's ``send_data`` cuts DATA frames to the peer's
+    announced maximum) send a batch in a few frames; a peer that does not
+    (grpc-go sends 16 KiB frames regardless) is not affected, and neither
+    is what this end sends.  The setting is the connection's: calls that
+    share it may receive longer frames too, which HTTP/2 allows
+    (RFC 9113, 6.5.2; up to 2**24 - 1).  Relies on
+    ``protocol.Stream.connection`` (grpclib's ``Connection``), its
+    ``_connection`` (the ``h2`` connection), whose ``update_settings`` sends
+    a SETTINGS frame, and ``Connection.flush()`` to write it.  h2 applies
+    the new maximum (``max_inbound_frame_size``) when the peer acknowledges
+    it, but its frame buffer takes the maximum only at the start of each
+    block of bytes it is fed: a peer's acknowledgement and its first longer
+    frame read in one block would fail the connection.  So the maximum is
+    raised here at once, as the sender of the setting may (it takes such
+    frames from the moment it announces them).
+    """
+    connection = h2.connection
+    h2_connection = connection._connection
+    if h2_connection.max_inbound_frame_size < size:
+        h2_connection.update_settings({SettingCodes.MAX_FRAME_SIZE: size})
+        h2_connection.max_inbound_frame_size = size
+        connection.flush()
 
 
 def call_wrapper(stream: object) -> contextlib.AbstractContextManager[Any]:

@@ -30,7 +30,11 @@ def frame_prefix(length: int) -> bytes:
     return b"\x00" + length.to_bytes(4, "big")
 
 
-def frame_length(prefix: bytes, limit: int) -> int:
+#: Bytes as they are read off the carrying call: whole, or a view into a buffer.
+Data = bytes | bytearray | memoryview
+
+
+def frame_length(prefix: Data, limit: int) -> int:
     """The length of the frame a prefix announces, if this end takes it.
 
     Raises ``FrameTooLarge`` for a length over ``limit`` and
@@ -46,10 +50,10 @@ def frame_length(prefix: bytes, limit: int) -> int:
     return length
 
 
-def decode_frame(frame_type: type[F], data: bytes) -> F:
+def decode_frame(frame_type: type[F], data: Data) -> F:
     """Parse one frame; bytes that are not one (bad protobuf, a string field
     that is not UTF-8) are a ``RemoteProtocolError``."""
     try:
-        return frame_type.FromString(data)
+        return frame_type.FromString(data)  # type: ignore[arg-type]  # upb takes any buffer
     except DecodeError as exc:
         raise RemoteProtocolError(f"undecodable frame ({exc})") from None
