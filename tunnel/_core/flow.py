@@ -65,23 +65,28 @@ class StreamFault(Exception):
 
 
 class OutboundMessage:
-    """One message waiting to be cut into frames."""
+    """One message waiting to be cut into frames.
+
+    Each chunk is a slice of the message's bytes: one copy, which the frame
+    needs anyway (protobuf takes ``bytes``), and none at all for a message
+    that fits in one chunk (a slice of all of a ``bytes`` is the object itself).
+    """
 
     __slots__ = ("_data", "_offset", "remaining", "size")
 
     def __init__(self, data: bytes) -> None:
-        self._data = memoryview(data)
+        self._data = data if type(data) is bytes else bytes(data)
         self._offset = 0
         #: The size of the whole message, and the bytes not yet taken.
         self.size = self.remaining = len(data)
 
     def take(self, limit: int) -> bytes:
         """The next chunk of at most ``limit`` bytes."""
-        end = self._offset + min(limit, MAX_CHUNK)
-        chunk = bytes(self._data[self._offset : end])
-        self._offset += len(chunk)
-        self.remaining -= len(chunk)
-        return chunk
+        start = self._offset
+        n = min(limit, MAX_CHUNK, self.remaining)
+        self._offset = start + n
+        self.remaining -= n
+        return self._data[start : start + n]
 
 
 class Framer(Protocol[F_co]):
