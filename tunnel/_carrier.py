@@ -68,7 +68,6 @@ Every touch of grpclib's internals used here is in ``_seam``.
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Generic, TypeVar
 
@@ -137,8 +136,9 @@ class StreamCarrier(Generic[SendFrame, RecvFrame]):
         self._h2 = _seam.http2_stream(stream)
         self._wrapper = _seam.call_wrapper(stream)
         self.send_batch = batch_sender(stream)
-        #: Frames read and parsed, not yet handed out by ``recv``.
-        self._frames: deque[RecvFrame] = deque()
+        #: Frames read and parsed, not yet handed out by ``recv``, last first
+        #: (a list: an empty deque costs 760 bytes, kept by every idle tunnel).
+        self._frames: list[RecvFrame] = []
         #: Bytes read of a frame not yet whole (its prefix checked).
         self._partial = bytearray()
         #: What the frames read so far broke, raised after the frames before it.
@@ -158,7 +158,7 @@ class StreamCarrier(Generic[SendFrame, RecvFrame]):
         """
         frames = self._frames
         if frames:
-            return frames.popleft()
+            return frames.pop()
         h2 = self._h2
         if h2 is None:
             return await self._recv_reassembled()
@@ -175,10 +175,13 @@ class StreamCarrier(Generic[SendFrame, RecvFrame]):
                     raise RemoteProtocolError(_CUT)
                 return None
             self._parse(parts)
-        return frames.popleft()
+        return frames.pop()
 
     def _parse(self, parts: list[bytes]) -> None:
-        """Parse every whole frame of what was read (after what was held)."""
+        """Parse every whole frame of what was read (after what was held).
+
+        Called with no parsed frame left.
+        """
         partial = self._partial
         for part in parts:
             partial += part
@@ -201,9 +204,10 @@ class StreamCarrier(Generic[SendFrame, RecvFrame]):
             # views of it live on in the error's traceback.
             self._broken = error
             self._partial = bytearray()
-            return
-        view.release()
-        del partial[:start]
+        else:
+            view.release()
+            del partial[:start]
+        frames.reverse()  # ``recv`` pops from the end
 
     async def _recv_reassembled(self) -> RecvFrame | None:
         # A tunneled carrying call: the outer tunnel bounded the reassembly.

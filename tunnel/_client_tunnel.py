@@ -32,6 +32,7 @@ from ._core.client import TunnelClientProtocol
 from ._core.connection import KEEPALIVE_METHOD
 from ._core.events import DataReceived, Event, HeadersReceived, Negotiated, StreamEnded
 from ._pb.tunnel_pb2 import ClientToServer, ServerToClient
+from ._tasks import Flag
 from ._tunnel import (
     Carrier,
     Ending,
@@ -79,10 +80,10 @@ class ClientTunnel(Tunnel[ServerToClient, ClientToServer]):
         #: The most streams the tunnel server said it serves at once; calls
         #: beyond it wait for room (``wait_for_room``) instead of being refused.
         self.peer_max_streams = peer_max_streams
-        self._room = asyncio.Event()
-        self._idle = asyncio.Event()
+        self._room = Flag()
+        self._idle = Flag()
         self._idle.set()
-        self._negotiated = asyncio.Event()
+        self._negotiated = Flag()
         if self.core.ready:
             self._negotiated.set()
         else:

@@ -22,6 +22,7 @@ from google.protobuf.message import Message
 
 from ._core.connection import Connection
 from ._core.events import Event
+from ._tasks import Flag
 
 __all__ = ["Driver"]
 
@@ -63,13 +64,13 @@ class Driver(Generic[InFrame, OutFrame]):
         self._send = send
         self._send_batch = send_batch
         self._recv = recv
-        self._wakeup = asyncio.Event()
+        self._wakeup = Flag()
         #: Streams waiting for their queued message to be written.
         self._flush_waiters: dict[int, asyncio.Future[None]] = {}
         #: Bytes the application consumed per stream, not yet given back to
         #: the core (``acknowledge``).
         self._consumed: dict[int, int] = {}
-        self._writer_idle = asyncio.Event()
+        self._writer_idle = Flag()
         self._writer_idle.set()
         #: Set by the writer once the backlog is low again, for a reader
         #: that stopped reading (see ``BACKLOG_HIGH``).

@@ -44,9 +44,9 @@ The touches, one line each (keep this list in step with the code):
 * ``protocol.Stream.recv_data`` (``recv_data``), that is
   ``protocol.Buffer.read``: read the 5-byte gRPC prefix of a message before
   deciding to read its body; data is acknowledged as it is read.
-* ``protocol.Stream.buffer._acked_size`` (``recv_some``): how much of the
-  DATA taken from the connection is still unread, to read what has
-  arrived of many frames at once.
+* ``protocol.Stream.buffer`` and its ``_acked_size`` (``recv_some``): read
+  the DATA taken from the connection and still unread, what has arrived
+  of many frames at once.
 * ``protocol.Stream.connection._connection`` (the ``h2`` connection), its
   ``update_settings`` and ``max_inbound_frame_size``
   (``receive_large_frames``): let the peer send longer HTTP/2 DATA frames
@@ -324,22 +324,29 @@ async def recv_some(h2: grpclib.protocol.Stream, limit: int) -> list[bytes]:
     A carrying call's frames are small and many: reading each one's prefix
     and body with a ``recv_data`` apiece costs two reads per frame, where
     this costs two per HTTP/2 DATA frame, however many frames it holds.
-    Relies on ``protocol.Buffer``: ``read`` takes whole DATA frames off the
+    Relies on ``protocol.Stream.buffer`` (the ``protocol.Buffer`` that
+    ``recv_data`` reads): ``read`` takes whole DATA frames off the
     connection, acknowledging each, and keeps what it did not return in the
     buffer, counted by ``_acked_size``, for the next read, which returns it
-    without waiting.  So a read of one byte waits for a DATA frame and
+    without waiting (nor raising).  The buffer is read directly, not
+    through ``recv_data``: an idle tunnel keeps this read pending, and every
+    coroutine frame of it costs memory.  So a read of one byte waits for a DATA frame and
     leaves the rest of it unread, and a read of ``_acked_size`` bytes takes
     exactly what is unread.  Nothing beyond ``limit`` is acknowledged, so
     the peer's HTTP/2 window still bounds what it can make us hold.
     """
-    ready = int(h2.buffer._acked_size)
+    buffer = h2.buffer
+    ready = int(buffer._acked_size)
     if ready:
-        return [await recv_data(h2, min(ready, limit))]
-    first = await recv_data(h2, 1)
+        return [await buffer.read(min(ready, limit))]
+    try:
+        first = await buffer.read(1)
+    except AssertionError:
+        raise DataTruncated("the stream ended within 1 byte of data") from None
     if not first:
         return []
-    ready = min(int(h2.buffer._acked_size), limit - 1)
-    return [first, await recv_data(h2, ready)] if ready > 0 else [first]
+    ready = min(int(buffer._acked_size), limit - 1)
+    return [first, await buffer.read(ready)] if ready > 0 else [first]
 
 
 def receive_large_frames(h2: grpclib.protocol.Stream, size: int) -> None:

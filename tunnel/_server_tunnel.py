@@ -40,7 +40,7 @@ from ._core.server import TunnelServerProtocol
 from ._pb.tunnel_pb2 import ClientToServer, ServerToClient
 from ._seam import Metadata, ServerEvents
 from ._server_stream import TunnelServerStream
-from ._tasks import cancel_and_wait
+from ._tasks import Flag, cancel_and_wait
 from ._tunnel import Carrier, Ending, EndReason, Tunnel
 from ._typing import Servable
 from .fallback import Fallback, fallback_cardinality, with_fallback
@@ -152,7 +152,7 @@ class ServerTunnel(Tunnel[ClientToServer, ServerToClient]):
         self._probe_peer = probe
         self._streams: dict[int, TunnelServerStream[Any, Any]] = {}
         self._tasks: dict[int, asyncio.Task[None]] = {}
-        self._idle = asyncio.Event()
+        self._idle = Flag()
         self._idle.set()
 
     def initiate_shutdown(self) -> None:

@@ -53,7 +53,7 @@ from ._core.connection import Connection
 from ._core.events import Event
 from ._driver import Driver
 from ._stats import TunnelStatistics
-from ._tasks import cancel_and_wait
+from ._tasks import Flag, cancel_and_wait
 from .errors import KeepaliveTimeoutError, RemoteProtocolError, TunnelClosedError, TunnelError
 from .options import TunnelOptions
 
@@ -236,8 +236,10 @@ class Tunnel(Generic[InFrame, OutFrame]):
         #: How many keepalive checks the peer answered.
         self.keepalive_answered = 0
         self._ending: Ending | None = None
-        self._stop = asyncio.Event()
-        self._closed = asyncio.Event()
+        #: What the main task waits on: resolved when an owner asks the
+        #: tunnel to stop (``_request_stop``) or one of its tasks ends.
+        self._stop: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._closed = Flag()
         self._alive_at = 0.0
         self._started_at = asyncio.get_running_loop().time()
 
@@ -278,7 +280,8 @@ class Tunnel(Generic[InFrame, OutFrame]):
     def _request_stop(self, ending: Ending) -> None:
         """End the tunnel from outside its tasks (close, stop, abort)."""
         self._begin_ending(ending)
-        self._stop.set()
+        if not self._stop.done():
+            self._stop.set_result(None)
 
     # -- what each role supplies ---------------------------------------------------
 
@@ -336,15 +339,19 @@ class Tunnel(Generic[InFrame, OutFrame]):
             driver.read_loop(self._on_events, self._on_fatal), name=f"{self._role}-reader"
         )
         writer = asyncio.create_task(driver.write_loop(), name=f"{self._role}-writer")
-        stop = asyncio.create_task(self._stop.wait(), name=f"{self._role}-stop")
-        tasks = [reader, writer, stop]
+        tasks: list[asyncio.Future[None]] = [reader, writer]
         keepalive = None
         if self.options.keepalive_interval is not None and self._can_probe():
             keepalive = asyncio.create_task(self._keepalive(), name=f"{self._role}-keepalive")
             tasks.append(keepalive)
+        for task in tasks:
+            task.add_done_callback(self._task_ended)
+        tasks.append(self._stop)
         interrupted = False
         try:
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            # What asyncio.wait(FIRST_COMPLETED) would do, without the
+            # kilobyte and a half it keeps per waiting tunnel end.
+            await self._stop
         except asyncio.CancelledError:
             interrupted = True
         if self._ending is None:  # else a stop was asked for, and said why
@@ -387,6 +394,10 @@ class Tunnel(Generic[InFrame, OutFrame]):
             self._closed.set()
         if interrupted:
             raise asyncio.CancelledError
+
+    def _task_ended(self, task: asyncio.Future[None]) -> None:
+        if not self._stop.done():
+            self._stop.set_result(None)
 
     def _on_fatal(self, exc: Exception) -> None:
         """The peer broke the protocol: the tunnel ends now, in this very step."""

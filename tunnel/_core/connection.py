@@ -35,7 +35,6 @@ When the peer breaks the tunnel's rules, ``receive_frame`` raises
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -188,11 +187,14 @@ class Connection(Generic[OutFrame]):
         #: Why the object is FAILED.
         self._failure: RemoteProtocolError | None = None
         self._streams: dict[int, Stream[OutFrame]] = {}
-        self._control: deque[OutFrame] = deque()
+        # Lists, not deques, for the two queues: they are short but for a
+        # peer that does not read (bounded by the driver's back-pressure),
+        # and an empty deque costs 760 bytes, kept by every idle tunnel.
+        self._control: list[OutFrame] = []
         #: The window_update frame of each stream still waiting in
         #: ``_control``, for coalescing under a backlog (``acknowledge``).
         self._queued_updates: dict[int, OutFrame] = {}
-        self._ring: deque[Stream[OutFrame]] = deque()
+        self._ring: list[Stream[OutFrame]] = []
         #: The highest stream id created so far (ids only ever grow).
         self._last_id = 0
         #: Streams created and not over (a concurrency limit counts these).
@@ -220,7 +222,7 @@ class Connection(Generic[OutFrame]):
     def next_frame(self) -> OutFrame | None:
         """The next frame to write on the carrying stream, or None."""
         if self._control:
-            control = self._control.popleft()
+            control = self._control.pop(0)
             if self._queued_updates:
                 sid: int = control.stream_id  # type: ignore[attr-defined]
                 if self._queued_updates.get(sid) is control:
@@ -228,7 +230,7 @@ class Connection(Generic[OutFrame]):
             return control
         ring = self._ring
         while ring:
-            st = ring.popleft()
+            st = ring.pop(0)
             queue = st.queue
             frame = queue.pop(self, st.id)
             if frame is None:
