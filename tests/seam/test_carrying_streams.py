@@ -16,6 +16,8 @@ import grpclib.client
 import grpclib.protocol
 import grpclib.server
 import grpclib.utils
+import h2.frame_buffer
+import hyperframe.frame
 import pytest
 from grpclib.config import Configuration
 from grpclib.const import Cardinality, Handler
@@ -235,6 +237,190 @@ async def test_recv_data_acknowledges_what_it_reads_and_only_that() -> None:
         await stream.recv_initial_metadata()
         await stream.recv_trailing_metadata()
     assert got == [total - 5]
+
+
+# -- recv_some ------------------------------------------------------------------------
+
+
+async def read_all_some(h2: grpclib.protocol.Stream, limit: int) -> list[list[bytes]]:
+    """Every ``recv_some`` until the end of the stream, each checked against ``limit``."""
+    reads = []
+    while parts := await _seam.recv_some(h2, limit):
+        assert 1 <= sum(map(len, parts)) <= limit
+        reads.append(parts)
+    return reads
+
+
+async def test_recv_some_returns_what_arrived_in_order_within_the_limit() -> None:
+    sent = [bytes([n]) * (n * 1000 + 1) for n in range(1, 8)]
+
+    async def write(stream: Any, h2: grpclib.protocol.Stream) -> None:
+        for data in sent:
+            await h2.send_data(data)
+        await stream.end()
+
+    async def read(stream: grpclib.server.Stream[Any, Any]) -> object:
+        return await read_all_some(h2_of(stream), 3000)
+
+    reads = await read_on_server(write, read)
+    assert isinstance(reads, list)
+    assert b"".join(part for parts in reads for part in parts) == b"".join(sent)
+
+
+async def test_recv_some_is_empty_at_the_end_of_the_stream() -> None:
+    async def read(stream: grpclib.server.Stream[Any, Any]) -> object:
+        h2 = h2_of(stream)
+        return [await read_all_some(h2, 100), await _seam.recv_some(h2, 100)]
+
+    assert await read_on_server(write_abc_and_end, read) == [[[b"a", b"bc"]], []]
+
+
+async def test_recv_some_takes_at_most_one_data_frame_off_the_connection() -> None:
+    """Data nobody read holds the sender at the HTTP/2 window, as with ``recv_data``."""
+    config = Configuration(http2_connection_window_size=WINDOW, http2_stream_window_size=WINDOW)
+    total = 16 * WINDOW
+    server_h2: asyncio.Future[grpclib.protocol.Stream] = asyncio.get_running_loop().create_future()
+    read_all = asyncio.Event()
+    got: list[int] = []
+
+    async def behave(stream: grpclib.server.Stream[Any, Any]) -> None:
+        h2 = _seam.http2_stream(stream)
+        assert h2 is not None
+        server_h2.set_result(h2)
+        first = await _seam.recv_some(h2, 10)
+        await read_all.wait()
+        got.append(sum(map(len, first)))
+        got.extend(len(part) for parts in await read_all_some(h2, 1 << 20) for part in parts)
+        await stream.send_trailing_metadata()
+
+    async with (
+        asyncio.timeout(TIMEOUT),
+        server(behave, config) as port,
+        connected(port) as channel,
+        call(channel) as stream,
+    ):
+        await stream.send_request()
+        h2 = _seam.http2_stream(stream)
+        assert h2 is not None
+        sending = asyncio.create_task(_seam.send_data(h2, b"\x00" * total))
+        receiver = await server_h2
+        h2_connection = h2._h2_connection
+        assert h2.id is not None
+        while h2_connection.local_flow_control_window(h2.id) > 0 and not sending.done():
+            await asyncio.sleep(0.01)
+        assert not sending.done()
+        # One window, plus the one DATA frame (16 KiB) the first read took.
+        assert receiver.data_received <= WINDOW + 16_384
+        read_all.set()
+        await sending
+        await stream.end()
+        await stream.recv_initial_metadata()
+        await stream.recv_trailing_metadata()
+    assert got[0] == 10 and sum(got) == total
+
+
+# -- receive_large_frames -------------------------------------------------------------
+
+
+async def test_receive_large_frames_lets_the_peer_send_longer_data_frames() -> None:
+    """grpclib's sender cuts DATA frames to what the receiver announced."""
+    size = 64 * 1024
+    first_read: list[int] = []
+
+    async def behave(stream: grpclib.server.Stream[Any, Any]) -> None:
+        h2 = h2_of(stream)
+        _seam.receive_large_frames(h2, size)
+        _seam.receive_large_frames(h2, size)  # once is enough; again changes nothing
+        assert h2.connection._connection.max_inbound_frame_size == size
+        await stream.send_message(Message(payload=b"settings went out before this"))
+        # Nothing was read before the client sent all: the first read takes
+        # exactly the first DATA frame.
+        first_read.append(sum(map(len, await _seam.recv_some(h2, 1 << 20))))
+        rest = await read_all_some(h2, 1 << 20)
+        first_read.append(first_read[0] + sum(len(p) for parts in rest for p in parts))
+        await stream.send_trailing_metadata()
+
+    async with (
+        asyncio.timeout(TIMEOUT),
+        server(behave) as port,
+        connected(port) as channel,
+        call(channel) as stream,
+    ):
+        await stream.send_request()
+        h2 = _seam.http2_stream(stream)
+        assert h2 is not None
+        assert await stream.recv_message() is not None  # after the peer's SETTINGS
+        assert h2._h2_connection.max_outbound_frame_size == size
+        await _seam.send_data(h2, b"\x01" * (3 * size))
+        await stream.end()
+        await stream.recv_trailing_metadata()
+    assert first_read == [size, 3 * size]
+
+
+# -- skip_data_frame_dumps ------------------------------------------------------------
+
+
+async def test_skip_data_frame_dumps_spares_the_hex_dump_and_nothing_else(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each received DATA frame is hex-dumped by h2 unless its connection skips it."""
+    dumped: list[int] = []
+    dump = hyperframe.frame._raw_data_repr
+
+    def counting_dump(data: bytes | None) -> str:
+        dumped.append(len(data or b""))
+        return dump(data)
+
+    monkeypatch.setattr(hyperframe.frame, "_raw_data_repr", counting_dump)
+    payload = bytes(range(256)) * 234  # within the first HTTP/2 window
+
+    async def transfer(skip: bool) -> list[int]:
+        dumped.clear()
+        received: list[bytes] = []
+
+        async def behave(stream: grpclib.server.Stream[Any, Any]) -> None:
+            h2 = h2_of(stream)
+            if skip:
+                _seam.skip_data_frame_dumps(h2)
+                _seam.skip_data_frame_dumps(h2)  # wrapped once, however often
+            await stream.send_initial_metadata()  # the client writes after this
+            received.append(await _seam.recv_data(h2, len(payload)))
+            await stream.send_trailing_metadata()
+
+        async with (
+            asyncio.timeout(TIMEOUT),
+            server(behave) as port,
+            connected(port) as channel,
+            call(channel) as stream,
+        ):
+            await stream.send_request()
+            await stream.recv_initial_metadata()
+            h2 = _seam.http2_stream(stream)
+            assert h2 is not None
+            await h2.send_data(payload)
+            await stream.end()
+            await stream.recv_trailing_metadata()
+        assert received == [payload]
+        return [n for n in dumped if n > 1000]  # not the small HEADERS frames
+
+    assert sum(await transfer(skip=False)) == len(payload)  # each byte, once
+    assert await transfer(skip=True) == []
+
+
+def test_a_data_frame_not_dumped_is_the_same_frame() -> None:
+    """The frames come out of h2's buffer as they were, but for their ``repr``."""
+    sent = hyperframe.frame.DataFrame(1, b"\x00\x01" * 100, flags=["END_STREAM"])
+    frames = h2.frame_buffer.FrameBuffer()
+    frames.max_frame_size = 16_384
+    wrapped = _seam._FramesNotDumped(frames)
+    wrapped.add_data(sent.serialize())
+    got = list(wrapped)
+    assert len(got) == 1
+    frame = got[0]
+    assert type(frame) is hyperframe.frame.DataFrame
+    assert (frame.stream_id, frame.data, frame.flags) == (1, sent.data, sent.flags)
+    assert "0001" not in repr(frame) and "(data not shown)" in repr(frame)
+    assert wrapped.max_frame_size == 16_384
 
 
 # -- call_wrapper ---------------------------------------------------------------------
