@@ -32,8 +32,10 @@ log = logging.getLogger("tunnel")
 #: inside grpclib's 4 MiB HTTP/2 window); the loop yields to the reader
 #: between batches.
 MAX_BATCH = 64
-#: Bytes of message data a stream may have queued before its sender waits:
-#: one flow-control window, so small messages never wait for the writer.
+#: Bytes of message data a stream may have queued before its sender waits,
+#: at least: one flow-control window (the stream's own, if the peer granted
+#: more), so small messages never wait for the writer and a sender with a
+#: large window can keep it full (``Driver.within_send_buffer``).
 SEND_BUFFER = 65_536
 #: The reader stops reading while more than this many frames that no sender
 #: holds back (``Connection.backlog``) wait to leave, and goes on once they
@@ -111,15 +113,28 @@ class Driver(Generic[InFrame, OutFrame]):
             acknowledge(stream_id, n)
         consumed.clear()
 
+    def within_send_buffer(self, stream_id: int) -> bool:
+        """True if a sender on this stream need not wait for the writer now.
+
+        It may have one window of message data queued: ``SEND_BUFFER``, or
+        the window the peer granted the stream if larger.  (With a fixed 64
+        KiB, a sender whose peer grants 1 MiB waited for the writer every 64
+        KiB and never kept its window full.)
+        """
+        core = self.core
+        return core.buffered_message_bytes(stream_id) <= max(
+            SEND_BUFFER, core.initial_send_window(stream_id)
+        )
+
     async def flushed(self, stream_id: int) -> None:
-        """Wait while a stream has more than ``SEND_BUFFER`` bytes queued.
+        """Wait while a stream has more than its ``send_buffer`` queued.
 
         This is the back-pressure of a tunneled ``send_message``: small
         messages return at once and go out together in the writer's next
         batch; a sender that outruns the carrying stream or the peer's
         window waits here, holding at most one window's worth of data.
         """
-        if self.core.buffered_message_bytes(stream_id) <= SEND_BUFFER:
+        if self.within_send_buffer(stream_id):
             return
         loop = asyncio.get_running_loop()
         fut = self._flush_waiters.get(stream_id)
@@ -184,7 +199,7 @@ class Driver(Generic[InFrame, OutFrame]):
                 for sent in batch:
                     sid: int = sent.stream_id  # type: ignore[attr-defined]
                     fut = waiters.get(sid)
-                    if fut is not None and core.buffered_message_bytes(sid) <= SEND_BUFFER:
+                    if fut is not None and self.within_send_buffer(sid):
                         del waiters[sid]
                         if not fut.done():
                             fut.set_result(None)

@@ -129,3 +129,19 @@ async def test_a_cancelled_wait_leaves_no_waiter_behind() -> None:
         assert waiting.cancelled()
         assert not flag._waiters
         flag.set()
+
+
+async def test_a_sender_may_queue_one_window_the_peer_granted_before_it_waits() -> None:
+    """64 KiB at least; the stream's own window when the peer granted more."""
+    for window, queued, waits in [
+        (65_536, 65_536, False),
+        (65_536, 65_537, True),
+        (1 << 20, 1 << 20, False),
+        (1 << 20, (1 << 20) + 1, True),
+    ]:
+        pair = Pair(initial_window_size=window)
+        stream_id = pair.open(BIDI)
+        async with asyncio.timeout(BOUND), server_writer(pair) as (driver, _):
+            pair.server.send_message(stream_id, b"x" * queued)
+            assert pair.server.initial_send_window(stream_id) == window
+            assert driver.within_send_buffer(stream_id) is not waits

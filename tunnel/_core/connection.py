@@ -288,6 +288,16 @@ class Connection(Generic[OutFrame]):
         st = self._streams.get(stream_id)
         return 0 if st is None else st.queue.buffered
 
+    def initial_send_window(self, stream_id: int) -> int:
+        """The send window the peer granted a stream at its start.
+
+        0 without flow control (revision zero) and for a stream not in the
+        table.  How much a sender may queue before it waits scales with it
+        (the driver's ``send_buffer``).
+        """
+        st = self._streams.get(stream_id)
+        return 0 if st is None else st.queue.initial_window
+
     def _announced(self, st: Stream[OutFrame]) -> None:
         """A client's new_stream left: the server may now speak of the stream."""
         step = st.response_rules[st.response][NEW_STREAM_SENT]

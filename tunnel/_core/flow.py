@@ -109,14 +109,17 @@ class SendQueue(Generic[F]):
     bytes not yet framed (``buffered``).  ``window`` is the stream's send
     window (None under revision zero: no flow control); only message data
     uses it up, and a chunk never takes more than it allows.
+    ``initial_window`` is the window the peer granted at the start (0
+    under revision zero).
     """
 
-    __slots__ = ("_items", "buffered", "window")
+    __slots__ = ("_items", "buffered", "initial_window", "window")
 
     def __init__(self, window: int | None) -> None:
         self._items: deque[F | OutboundMessage] = deque()
         self.buffered = 0
         self.window = window
+        self.initial_window = window or 0
 
     def __len__(self) -> int:
         return len(self._items)

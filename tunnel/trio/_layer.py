@@ -19,8 +19,8 @@ The touches, one line each (keep this list in step with the code):
   ``_status_details_codec`` and ``_options``.
 * ``ClientTunnel.queue_messages`` / ``ServerTunnel.core`` and ``.driver``:
   queue a message without waiting, wake the writer, read how much a stream
-  has queued; and ``_driver.SEND_BUFFER``, the amount past which a sender
-  waits.
+  has queued, and ``Driver.within_send_buffer``, whether a sender must
+  wait.
 * ``TunnelServerStream._changed`` and ``._tunnel``: the event a tunneled
   handler waits on, and the tunnel it sends through.
 """
@@ -32,7 +32,7 @@ from typing import Any
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
-from .._driver import SEND_BUFFER, Driver
+from .._driver import Driver
 from .._reconnecting import ReconnectingTunnelChannel
 from .._server_stream import TunnelServerStream
 from ..channel import TunnelChannel
@@ -107,7 +107,7 @@ def queued_within_buffer(driver: Driver[Any, Any], stream_id: int) -> bool:
     The same test ``Driver.flushed`` starts with; only past it does a trio
     sender cross over to wait in asyncio.
     """
-    return driver.core.buffered_message_bytes(stream_id) <= SEND_BUFFER
+    return driver.within_send_buffer(stream_id)
 
 
 def server_stream_parts(stream: TunnelServerStream[Any, Any]) -> tuple[Any, Any]:
