@@ -2,10 +2,11 @@
 
 One task reads frames from the carrying gRPC stream and feeds them to the
 protocol core; one task writes what the core has queued.  The writer pulls
-one frame at a time, only when the carrying stream has taken the previous
-one, so the core's round-robin across streams decides who goes next, and a
-stream's ``send_message`` can wait until its message is on the wire
-(back-pressure: a stream never has more than one message queued).
+the frames the core has ready when the carrying stream has taken the
+previous batch, so the core's round-robin across streams decides who goes
+next, and a stream's ``send_message`` waits while the stream has more than
+a window of data queued (back-pressure).  What the application consumed
+goes back to the core once per stream per batch (``acknowledge``).
 
 The driver knows nothing of calls or handlers: subclasses turn the core's
 events into those, and decide what the end of the carrying stream means.

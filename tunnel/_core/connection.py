@@ -70,9 +70,11 @@ __all__ = ["COALESCE_AT", "KEEPALIVE_METHOD", "Connection", "Counters", "Stream"
 #: tunnel server refuses it before any handler or fallback could see it.
 KEEPALIVE_METHOD = "/grpclib_tunnel.v1.Keepalive/Probe"
 
-#: Window updates are sent one per chunk consumed, as the reference does,
-#: until this many control frames wait to leave; beyond it (the peer is not
-#: reading) each stream's queued update grows instead of a new one queuing.
+#: One window update per ``acknowledge`` (the reference sends one per chunk
+#: consumed; our driver calls it once per stream per batch it writes, for
+#: everything consumed since), until this many control frames wait to
+#: leave; beyond it (the peer is not reading) each stream's queued update
+#: grows instead of a new one queuing.
 COALESCE_AT = 64
 
 OutFrame = TypeVar("OutFrame", bound=_ProtoMessage)
