@@ -118,13 +118,13 @@ class Driver(Generic[InFrame, OutFrame]):
         """True if a sender on this stream need not wait for the writer now.
 
         It may have one window of message data queued: ``SEND_BUFFER``, or
-        the window the peer granted the stream if larger.  (With a fixed 64
-        KiB, a sender whose peer grants 1 MiB waited for the writer every 64
-        KiB and never kept its window full.)
+        the window the peer granted the stream (at its start or since) if
+        larger.  (With a fixed 64 KiB, a sender whose peer grants 1 MiB
+        waited for the writer every 64 KiB and never kept its window full.)
         """
         core = self.core
         return core.buffered_message_bytes(stream_id) <= max(
-            SEND_BUFFER, core.initial_send_window(stream_id)
+            SEND_BUFFER, core.send_window(stream_id)
         )
 
     async def flushed(self, stream_id: int) -> None:

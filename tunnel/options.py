@@ -21,6 +21,7 @@ class _ProtocolSettings(TypedDict):
     max_receive_message_length: int
     max_metadata_size: int
     initial_window_size: int
+    max_window_size: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +48,17 @@ class TunnelOptions:
     #: announces; a larger window lets bulk transfers keep more data in
     #: flight, at the cost of that much more buffering per stream.
     initial_window_size: int = 65_536
+    #: How large a stream's window may grow, under revision one.  A stream
+    #: whose peer keeps its window nearly used up while the application
+    #: reads as fast as data comes gets a larger window with its next
+    #: ``window_update`` (doubling, up to this), so a bulk transfer is not
+    #: held to one window per round trip; the tunnel remembers the size for
+    #: its next streams.  Growth is bounded per tunnel: at most four streams
+    #: at once hold a window grown this far, so buffering stays below
+    #: ``max_concurrent_streams * initial_window_size`` plus four times this.
+    #: Set it to ``initial_window_size`` (or less) for fixed windows, as the
+    #: reference has.
+    max_window_size: int = 1024 * 1024
     #: The most streams a peer may have open at once in one tunnel this end
     #: serves (the HTTP/2 default of most servers, grpclib's included).  A
     #: stream beyond it is refused at once, before any handler runs, with
@@ -102,6 +114,8 @@ class TunnelOptions:
             )
         if not 0 < self.initial_window_size <= 2**31 - 1:
             raise ValueError("initial_window_size must be between 1 and 2**31 - 1")
+        if not 0 < self.max_window_size <= 2**31 - 1:
+            raise ValueError("max_window_size must be between 1 and 2**31 - 1")
         if self.max_concurrent_streams < 1:
             raise ValueError("max_concurrent_streams must be at least 1")
         if not self.negotiation_timeout > 0:
@@ -120,4 +134,5 @@ class TunnelOptions:
             max_receive_message_length=self.max_receive_message_length,
             max_metadata_size=self.max_metadata_size,
             initial_window_size=self.initial_window_size,
+            max_window_size=self.max_window_size,
         )

@@ -143,5 +143,5 @@ async def test_a_sender_may_queue_one_window_the_peer_granted_before_it_waits() 
         stream_id = pair.open(BIDI)
         async with asyncio.timeout(BOUND), server_writer(pair) as (driver, _):
             pair.server.send_message(stream_id, b"x" * queued)
-            assert pair.server.initial_send_window(stream_id) == window
+            assert pair.server.send_window(stream_id) == window
             assert driver.within_send_buffer(stream_id) is not waits

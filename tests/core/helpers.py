@@ -91,6 +91,7 @@ class Pair:
         max_receive_message_length: int = 4 * 1024 * 1024,
         max_metadata_size: int = 64 * 1024,
         initial_window_size: int = 65_536,
+        max_window_size: int | None = None,
     ) -> None:
         self.client = TunnelClientProtocol(
             peer_negotiates=negotiate,
@@ -98,6 +99,7 @@ class Pair:
             max_receive_message_length=max_receive_message_length,
             max_metadata_size=max_metadata_size,
             initial_window_size=initial_window_size,
+            max_window_size=max_window_size,
         )
         self.server = TunnelServerProtocol(
             methods,
@@ -106,6 +108,7 @@ class Pair:
             max_receive_message_length=max_receive_message_length,
             max_metadata_size=max_metadata_size,
             initial_window_size=initial_window_size,
+            max_window_size=max_window_size,
         )
         #: Every frame that crossed, in order, per direction.
         self.c2s: list[ClientToServer] = []
@@ -300,6 +303,7 @@ class ClientSettings(TypedDict, total=False):
     max_receive_message_length: int
     max_metadata_size: int
     initial_window_size: int
+    max_window_size: int | None
 
 
 class ServerSettings(ClientSettings, total=False):

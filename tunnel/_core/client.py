@@ -46,6 +46,7 @@ from .connection import (
     KEEPALIVE_METHOD,
     RESPONSE_IDLE,
     RESPONSE_OPEN,
+    SERVER_STREAMING,
     T_FAILED,
     T_OPEN,
     Connection,
@@ -94,11 +95,13 @@ class TunnelClientProtocol(Connection[ClientToServer]):
         max_receive_message_length: int = 4 * 1024 * 1024,
         max_metadata_size: int = 64 * 1024,
         initial_window_size: int = INITIAL_WINDOW_SIZE,
+        max_window_size: int | None = None,
     ) -> None:
         super().__init__(
             max_receive_message_length=max_receive_message_length,
             max_metadata_size=max_metadata_size,
             initial_window_size=initial_window_size,
+            max_window_size=max_window_size,
         )
         self._supported = {REVISION_ZERO} if disable_flow_control else {REVISION_ZERO, REVISION_ONE}
         #: None until negotiation is done.
@@ -167,6 +170,8 @@ class TunnelClientProtocol(Connection[ClientToServer]):
             send_window=self._initial_send_window,
             flow_control=self.revision == REVISION_ONE,
         )
+        if cardinality in SERVER_STREAMING:
+            new_stream.initial_window_size += self._grow_at_start(st)
         if method == KEEPALIVE_METHOD:
             st.counted = False
             self._probes_active += 1

@@ -62,7 +62,16 @@ from .states import (
     compile_rules,
 )
 
-__all__ = ["COALESCE_AT", "KEEPALIVE_METHOD", "Connection", "Counters", "Stream"]
+__all__ = [
+    "CLIENT_STREAMING",
+    "COALESCE_AT",
+    "GROWN_WINDOWS",
+    "KEEPALIVE_METHOD",
+    "SERVER_STREAMING",
+    "Connection",
+    "Counters",
+    "Stream",
+]
 
 #: The method of a tunnel client's keepalive probe.  Nobody serves it: every
 #: conforming tunnel server answers a stream for it at once with
@@ -76,6 +85,17 @@ KEEPALIVE_METHOD = "/grpclib_tunnel.v1.Keepalive/Probe"
 #: leave; beyond it (the peer is not reading) each stream's queued update
 #: grows instead of a new one queuing.
 COALESCE_AT = 64
+
+#: How many streams of one tunnel may hold a window grown all the way to
+#: ``max_window_size`` at once: what growth may add to a tunnel's buffered
+#: data is bounded by this many times the growth of one window, however many
+#: streams the peer opens.
+GROWN_WINDOWS = 4
+
+#: The cardinalities in which the client, or the server, may send more
+#: than one message: the streams whose windows may start grown.
+CLIENT_STREAMING = frozenset({Cardinality.STREAM_UNARY, Cardinality.STREAM_STREAM})
+SERVER_STREAMING = frozenset({Cardinality.UNARY_STREAM, Cardinality.STREAM_STREAM})
 
 OutFrame = TypeVar("OutFrame", bound=_ProtoMessage)
 
@@ -179,11 +199,22 @@ class Connection(Generic[OutFrame]):
         max_receive_message_length: int,
         max_metadata_size: int,
         initial_window_size: int,
+        max_window_size: int | None = None,
     ) -> None:
         self.max_receive_message_length = max_receive_message_length
         self.max_metadata_size = max_metadata_size
         #: The window this end grants the peer on each stream (revision one).
         self.initial_window_size = initial_window_size
+        #: How far a stream's window may grow (``acknowledge``): never
+        #: below the initial window, which None (or any smaller value) keeps
+        #: fixed, as the reference does.
+        self.max_window_size = max(max_window_size or 0, initial_window_size)
+        #: The window a stream grows to next: the tunnel learns it from
+        #: streams that needed more, so that a new stream of a bulk
+        #: transfer catches up at once instead of doubling from the start.
+        self._window_target = initial_window_size
+        #: What growth may still add across the tunnel's streams (bytes).
+        self._growth_budget = GROWN_WINDOWS * (self.max_window_size - initial_window_size)
         #: The protocol object as a whole (``states.TunnelState``).
         self.state = TunnelState.OPEN
         #: Why the object is FAILED.
@@ -290,15 +321,21 @@ class Connection(Generic[OutFrame]):
         st = self._streams.get(stream_id)
         return 0 if st is None else st.queue.buffered
 
-    def initial_send_window(self, stream_id: int) -> int:
-        """The send window the peer granted a stream at its start.
+    def send_window(self, stream_id: int) -> int:
+        """The larger of a stream's initial send window and its window now.
 
         0 without flow control (revision zero) and for a stream not in the
         table.  How much a sender may queue before it waits scales with it
-        (the driver's ``send_buffer``).
+        (the driver's ``within_send_buffer``): with a peer that granted or
+        grew a large window, a sender keeps it full.
         """
         st = self._streams.get(stream_id)
-        return 0 if st is None else st.queue.initial_window
+        if st is None:
+            return 0
+        queue = st.queue
+        window = queue.window or 0
+        initial = queue.initial_window
+        return window if window > initial else initial
 
     def _announced(self, st: Stream[OutFrame]) -> None:
         """A client's new_stream left: the server may now speak of the stream."""
@@ -356,6 +393,9 @@ class Connection(Generic[OutFrame]):
 
     def _end(self, st: Stream[OutFrame]) -> None:
         """The stream is over; it leaves the table once its queue is sent."""
+        grown = st.inbound.size - self.initial_window_size
+        if grown > 0:
+            self._growth_budget += grown
         st.request = REQUEST_OVER
         st.response = RESPONSE_OVER
         self.active_streams -= 1
@@ -420,6 +460,15 @@ class Connection(Generic[OutFrame]):
         Under revision one this gives the window back to the peer with a
         ``window_update``, unless the peer cannot send on the stream any
         more (over, or half-closed by the peer): then nothing is sent.
+
+        The update may grant more than ``n``: when the peer had used up
+        nearly all of the stream's window (it sends faster than one window
+        per round trip lets it) while the application kept up, the window
+        grows (``_grow``).  A fixed 64 KiB window holds four chunks in
+        flight, and a bulk sender then spends most of its time waiting for
+        updates to come back through both event loops.  The peer only adds
+        what it is granted (PROTOCOL.md), so this is invisible on the wire
+        but for the sums.
         """
         st = self._streams.get(stream_id)
         if st is None or n <= 0:
@@ -430,8 +479,11 @@ class Connection(Generic[OutFrame]):
         elif st.request is not REQUEST_OPEN and st.request is not REQUEST_DONE:
             return  # half-closed by the peer, or over
         inbound = st.inbound
-        if inbound.window is None:
+        window = inbound.window
+        if window is None:
             return
+        if window * 4 <= inbound.size < self.max_window_size:
+            n += self._grow(inbound)
         inbound.grant(n)
         queued = self._queued_updates.get(stream_id)
         if queued is not None and len(self._control) > COALESCE_AT:
@@ -442,6 +494,45 @@ class Connection(Generic[OutFrame]):
         frame = self._window_update(stream_id, n)
         self._queued_updates[stream_id] = frame
         self._control.append(frame)
+
+    def _grow(self, inbound: InboundMessages) -> int:
+        """Grow a stream's window towards the tunnel's target; return by how much.
+
+        Called when the peer has at most a quarter of the stream's window
+        left.  A stream already at the target doubles it (up to
+        ``max_window_size``); a stream below it catches up at once.  What
+        growth adds is taken from a budget that the stream gives back when
+        it ends, so a peer that opens many streams does not make this end
+        buffer more than ``GROWN_WINDOWS`` grown windows.
+        """
+        target = self._window_target
+        if inbound.size >= target:
+            target = self._window_target = min(2 * target, self.max_window_size)
+        return self._grow_to(inbound, target)
+
+    def _grow_to(self, inbound: InboundMessages, target: int) -> int:
+        """Grow a window towards ``target`` as far as the budget allows."""
+        extra = min(target - inbound.size, self._growth_budget)
+        if extra <= 0 or inbound.window is None:
+            return 0
+        self._growth_budget -= extra
+        inbound.grow(extra)
+        return extra
+
+    def _grow_at_start(self, st: Stream[OutFrame]) -> int:
+        """Start a new stream with the window the tunnel learned; return the growth.
+
+        Only for a stream whose peer sends a stream of messages: a client
+        stream that sends 400 KB in a tunnel that learned 1 MiB windows
+        would otherwise spend its first round trip on 64 KiB.  The caller
+        tells the peer (a ``window_update``, or the client's ``NewStream``).
+        """
+        if self._window_target <= self.initial_window_size:
+            return 0
+        inbound = st.inbound
+        extra = self._grow_to(inbound, self._window_target)
+        inbound.grant(extra)
+        return extra
 
     def _window_opened(self, st: Stream[OutFrame], n: int) -> list[Event]:
         """The peer consumed ``n`` bytes we sent on a stream.

@@ -17,9 +17,11 @@ Receiving (``InboundMessages``): the arrival of each chunk is checked
 against the window and the message's stated size; a receiver gives window
 back (``window_update``) only when the application consumes a chunk, so a
 peer can never have more than one window of unconsumed data buffered per
-stream.  The claimed size of a message is checked against the receive limit
-when its envelope arrives, so nothing is ever allocated or buffered for a
-message that is too large.
+stream.  The window a stream was granted (``size``) may grow while the
+application keeps up with a peer that fills it (``Connection.acknowledge``
+decides; the bytes are counted here).  The claimed size of a message is
+checked against the receive limit when its envelope arrives, so nothing is
+ever allocated or buffered for a message that is too large.
 
 These checks are about bytes; whether a message may arrive at all in a
 stream's state is the state table's business (``states.py``).
@@ -199,15 +201,18 @@ class SendQueue(Generic[F]):
 class InboundMessages:
     """Checks arriving message chunks against the window and stated sizes.
 
-    ``window`` is None under revision zero (no flow control).
+    ``window`` is what the peer may still send, None under revision zero
+    (no flow control); ``size`` is the whole window granted to the stream:
+    the initial window, plus what it grew by (``grow``).
     """
 
-    __slots__ = ("_limit", "_remaining", "window")
+    __slots__ = ("_limit", "_remaining", "size", "window")
 
     def __init__(self, limit: int, window: int | None) -> None:
         self._limit = limit
         self._remaining = 0
         self.window = window
+        self.size = window or 0
 
     @property
     def in_message(self) -> bool:
@@ -254,3 +259,12 @@ class InboundMessages:
         """Give ``n`` bytes of window back (the application consumed them)."""
         if self.window is not None:
             self.window = min(self.window + n, MAX_WINDOW)
+
+    def grow(self, n: int) -> None:
+        """Count ``n`` more bytes of window granted to the stream.
+
+        The window itself opens when they are granted with the consumed
+        bytes (``grant``), in the same update.
+        """
+        if self.window is not None:
+            self.size += n

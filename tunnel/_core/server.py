@@ -43,6 +43,7 @@ from .._pb.tunnel_pb2 import (
 )
 from ..errors import RemoteProtocolError
 from .connection import (
+    CLIENT_STREAMING,
     KEEPALIVE_METHOD,
     RESPONSE_OPEN,
     T_OPEN,
@@ -102,12 +103,14 @@ class TunnelServerProtocol(Connection[ServerToClient]):
         max_receive_message_length: int = 4 * 1024 * 1024,
         max_metadata_size: int = 64 * 1024,
         initial_window_size: int = INITIAL_WINDOW_SIZE,
+        max_window_size: int | None = None,
         max_concurrent_streams: int | None = None,
     ) -> None:
         super().__init__(
             max_receive_message_length=max_receive_message_length,
             max_metadata_size=max_metadata_size,
             initial_window_size=initial_window_size,
+            max_window_size=max_window_size,
         )
         self._methods = methods
         #: Streams beyond this many at once are refused (None: no limit).
@@ -251,13 +254,19 @@ class TunnelServerProtocol(Connection[ServerToClient]):
             refusal.close_stream.status.message = fault.message
             self._control.append(refusal)
             return []
-        self._add_stream(
+        st = self._add_stream(
             stream_id,
             cardinality,
             response=RESPONSE_OPEN,
             send_window=new_stream.initial_window_size,
             flow_control=new_stream.protocol_revision == REVISION_ONE,
         )
+        if cardinality in CLIENT_STREAMING:
+            # Settings fixed every stream's first window; a grown one is
+            # granted at once.
+            grown = self._grow_at_start(st)
+            if grown:
+                self._control.append(self._window_update(stream_id, grown))
         self.counters.streams_opened += 1
         return [StreamOpened(stream_id, method, metadata, timeout, cardinality)]
 
