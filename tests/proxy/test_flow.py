@@ -35,11 +35,14 @@ COUNT = 200
 BOUND = 40
 #: How long the sender is given to run ahead while the reader holds back.
 HOLD = 0.5
+#: Tunnel windows fixed at 64 KiB, as BOUND assumes (they would grow to
+#: ``max_window_size`` while the reader kept up: a bound, but a larger one).
+FIXED_WINDOWS = tunnel.TunnelOptions(max_window_size=65_536)
 
 
 @pytest.mark.parametrize("kind", PROXIED)
 async def test_a_slow_reader_slows_the_backend_sending(kind: str) -> None:
-    async with open_route(kind, config=SMALL_WINDOWS) as route:
+    async with open_route(kind, config=SMALL_WINDOWS, options=FIXED_WINDOWS) as route:
         probe = route.probe
         probe.lead_over = BOUND
         call = route.call(Probe.PREFIX + "Flood", Cardinality.UNARY_STREAM)
@@ -58,7 +61,7 @@ async def test_a_slow_reader_slows_the_backend_sending(kind: str) -> None:
 
 @pytest.mark.parametrize("kind", PROXIED)
 async def test_a_slow_backend_reader_slows_the_caller_sending(kind: str) -> None:
-    async with open_route(kind, config=SMALL_WINDOWS) as route:
+    async with open_route(kind, config=SMALL_WINDOWS, options=FIXED_WINDOWS) as route:
         probe = route.probe
         probe.lead_over = BOUND
         call = route.call(Probe.PREFIX + "Sink", Cardinality.STREAM_UNARY)
