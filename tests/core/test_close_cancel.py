@@ -99,7 +99,9 @@ def test_cancel_is_answered_with_close_stream_cancelled() -> None:
     pair.client.cancel(stream_id)
     _, server_events = pair.pump()
     assert reset(server_events) == StreamReset(
-        stream_id, Status.CANCELLED.value, "stream cancelled by the tunnel client"
+        stream_id=stream_id,
+        code=Status.CANCELLED.value,
+        message="stream cancelled by the tunnel client",
     )
     close = close_frame(pair.s2c)
     assert close.close_stream.status.code == Status.CANCELLED.value

@@ -252,7 +252,9 @@ def test_acknowledged_data_reopens_the_receive_window() -> None:
     for _ in range(4):
         server.receive_frame(request(1, b"x" * 16_384))
     server.acknowledge(1, 16_384)
-    assert server.receive_frame(request(1, b"x" * 16_384)) == [DataReceived(1, b"x" * 16_384, True)]
+    assert server.receive_frame(request(1, b"x" * 16_384)) == [
+        DataReceived(stream_id=1, data=b"x" * 16_384, end_of_message=True)
+    ]
 
 
 def test_client_data_over_the_window_is_resource_exhausted() -> None:

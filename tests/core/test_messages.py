@@ -103,12 +103,12 @@ def test_zero_length_message_is_one_empty_envelope(flow_control: bool) -> None:
     pair.client.send_message(stream_id, b"")
     pair.client.half_close(stream_id)
     _, server_events = pair.pump()
-    assert DataReceived(stream_id, b"", True) in server_events
+    assert DataReceived(stream_id=stream_id, data=b"", end_of_message=True) in server_events
     assert kinds(pair.c2s)[-2:] == [(stream_id, "request_message"), (stream_id, "half_close")]
     pair.server.send_message(stream_id, b"")
     pair.server.close_stream(stream_id, None)
     client_events, _ = pair.pump()
-    assert DataReceived(stream_id, b"", True) in client_events
+    assert DataReceived(stream_id=stream_id, data=b"", end_of_message=True) in client_events
     assert ended(client_events).status is None
 
 
@@ -256,7 +256,7 @@ def test_server_claimed_size_over_the_limit_fails_at_once() -> None:
 def test_server_message_at_the_limit_is_accepted() -> None:
     server = open_server(max_receive_message_length=1_000)
     events = server.receive_frame(request(1, b"x" * 1_000))
-    assert events == [DataReceived(1, b"x" * 1_000, True)]
+    assert events == [DataReceived(stream_id=1, data=b"x" * 1_000, end_of_message=True)]
 
 
 def test_client_claimed_size_over_the_limit_fails_at_once() -> None:
@@ -310,7 +310,9 @@ def test_no_request_before_half_close_on_unary_is_invalid_argument() -> None:
 def test_client_streaming_takes_many_requests_and_none() -> None:
     server = open_server(CLIENT_STREAM)
     for i in range(3):
-        assert server.receive_frame(request(1, bytes([i]))) == [DataReceived(1, bytes([i]), True)]
+        assert server.receive_frame(request(1, bytes([i]))) == [
+            DataReceived(stream_id=1, data=bytes([i]), end_of_message=True)
+        ]
     assert [type(e).__name__ for e in server.receive_frame(half_close(1))] == ["HalfClosed"]
     server2 = open_server(CLIENT_STREAM)
     assert [type(e).__name__ for e in server2.receive_frame(half_close(1))] == ["HalfClosed"]
@@ -332,7 +334,7 @@ def test_server_streaming_takes_many_responses() -> None:
     client = open_client(SERVER_STREAM)
     for i in range(3):
         events = client.receive_frame(response(1, bytes([i])))
-        assert events[-1] == DataReceived(1, bytes([i]), True)
+        assert events[-1] == DataReceived(stream_id=1, data=bytes([i]), end_of_message=True)
     assert isinstance(client.receive_frame(close(1))[0], StreamEnded)
 
 

@@ -64,7 +64,7 @@ def test_client_picks_the_highest_common_revision(
     client_fc: bool, server_fc: bool, revision: int
 ) -> None:
     pair = Pair(client_flow_control=client_fc, server_flow_control=server_fc)
-    assert pair.client_events == [Negotiated(revision)]
+    assert pair.client_events == [Negotiated(revision=revision)]
     assert pair.client.revision == revision
     pair.open(UNARY)
     assert pair.c2s[0].new_stream.protocol_revision == revision
@@ -74,7 +74,7 @@ def test_client_picks_the_highest_common_revision(
 
 def test_client_picks_highest_revision_whatever_the_order_offered() -> None:
     client = TunnelClientProtocol(peer_negotiates=True)
-    assert client.receive_frame(settings(1, 0)) == [Negotiated(REVISION_ONE)]
+    assert client.receive_frame(settings(1, 0)) == [Negotiated(revision=REVISION_ONE)]
 
 
 def test_client_waits_for_settings_before_creating_streams() -> None:

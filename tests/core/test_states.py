@@ -302,7 +302,7 @@ def receive_message(side: Side, *, partial: bool) -> None:
     kwargs = {"size": 2} if partial else {}
     frame = (response if side.client else request)(SID, b"x", **kwargs)
     events = side.proto.receive_frame(frame)
-    assert events[-1] == DataReceived(SID, b"x", not partial)
+    assert events[-1] == DataReceived(stream_id=SID, data=b"x", end_of_message=not partial)
     side.in_message = partial
 
 
@@ -412,9 +412,11 @@ def check_reset(side: Side, reset: Reset, result: Any) -> None:
     """The stream ended with the row's status: as an event and on the wire."""
     status = StatusProto(code=reset.status.value, message=reset.message)
     if side.client:
-        assert result == [StreamEnded(SID, status, (), reset=True)]
+        assert result == [StreamEnded(stream_id=SID, status=status, trailers=(), reset=True)]
     else:
-        assert result == [StreamReset(SID, reset.status.value, reset.message)]
+        assert result == [
+            StreamReset(stream_id=SID, code=reset.status.value, message=reset.message)
+        ]
     side.in_message = False
     assert side.states() == (R.OVER, P.OVER)
     assert not side.proto.is_open(SID)
@@ -462,25 +464,29 @@ def check_effect(
     elif input_ is Input.NEW_STREAM_SENT:
         assert result[0].HasField("new_stream")
     elif input_ in ENVELOPES:
-        implied = [HeadersReceived(SID, ())] if response_before is P.OPEN and side.client else []
+        implied = (
+            [HeadersReceived(stream_id=SID, metadata=())]
+            if response_before is P.OPEN and side.client
+            else []
+        )
         data = b"r" if side.client else b"q"
-        assert result == [*implied, DataReceived(SID, data, True)]
+        assert result == [*implied, DataReceived(stream_id=SID, data=data, end_of_message=True)]
     elif input_ in MORE_DATA:
-        assert result == [DataReceived(SID, b"y", True)]
+        assert result == [DataReceived(stream_id=SID, data=b"y", end_of_message=True)]
         side.in_message = False
     elif input_ is Input.RECV_RESPONSE_HEADERS:
-        assert result == [HeadersReceived(SID, ())]
+        assert result == [HeadersReceived(stream_id=SID, metadata=())]
     elif input_ is Input.RECV_HALF_CLOSE:
-        assert result == [HalfClosed(SID)]
+        assert result == [HalfClosed(stream_id=SID)]
     elif input_ is Input.RECV_CLOSE_STREAM:
         if side.in_message:
             status = StatusProto(
                 code=Status.INTERNAL.value,
                 message="tunnel server closed the stream in the middle of a message",
             )
-            assert result == [StreamEnded(SID, status, ())]
+            assert result == [StreamEnded(stream_id=SID, status=status, trailers=())]
         else:
-            assert result == [StreamEnded(SID, None, ())]
+            assert result == [StreamEnded(stream_id=SID, status=None, trailers=())]
         side.in_message = False
         assert not proto.is_open(SID)
     elif input_ is Input.RECV_CANCEL:  # of a stream that is over: its responses go

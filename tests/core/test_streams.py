@@ -308,7 +308,7 @@ def test_half_close_reaches_the_server_and_the_stream_still_answers() -> None:
     pair.client.send_message(stream_id, b"one")
     pair.client.half_close(stream_id)
     _, server_events = pair.pump()
-    assert server_events[-1] == HalfClosed(stream_id)
+    assert server_events[-1] == HalfClosed(stream_id=stream_id)
     pair.server.send_message(stream_id, b"reply")
     pair.server.close_stream(stream_id, None)
     client_events, _ = pair.pump()

@@ -251,7 +251,7 @@ class TunnelClientProtocol(Connection[ClientToServer]):
         self.revision = max(common)
         self._initial_send_window = frame.settings.initial_window_size
         self.state = T_OPEN
-        return Negotiated(self.revision)
+        return Negotiated(revision=self.revision)
 
     def _dispatch(
         self,
@@ -270,7 +270,7 @@ class TunnelClientProtocol(Connection[ClientToServer]):
                 # peer that does not gets empty headers implied rather
                 # than a failed call.
                 st.response = step.next
-                return [HeadersReceived(st.id, ()), data]
+                return [HeadersReceived(stream_id=st.id, metadata=()), data]
             st.response = step.next
             return [data]
         if input_ is _MORE_DATA:
@@ -281,7 +281,7 @@ class TunnelClientProtocol(Connection[ClientToServer]):
         if input_ is _HEADERS:
             metadata = self._decode(frame.response_headers)
             st.response = step.next
-            return [HeadersReceived(st.id, metadata)]
+            return [HeadersReceived(stream_id=st.id, metadata=metadata)]
         if input_ is _CLOSE_STREAM:
             return self._close_received(st, frame)
         raise AssertionError(f"the state table let {input_.name} through on the client")
@@ -302,7 +302,7 @@ class TunnelClientProtocol(Connection[ClientToServer]):
             self._count_failed(st)
         st.queue.clear()  # requests not yet sent have no one to go to
         self._end(st)
-        return [StreamEnded(st.id, status, trailers)]
+        return [StreamEnded(stream_id=st.id, status=status, trailers=trailers)]
 
     def _decode(self, md: Metadata) -> MetadataPairs:
         try:
@@ -317,5 +317,8 @@ class TunnelClientProtocol(Connection[ClientToServer]):
         """
         self._cancel(st)
         return StreamEnded(
-            st.id, StatusProto(code=reset.status.value, message=reset.message), (), reset=True
+            stream_id=st.id,
+            status=StatusProto(code=reset.status.value, message=reset.message),
+            trailers=(),
+            reset=True,
         )

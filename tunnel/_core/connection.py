@@ -634,7 +634,7 @@ class Connection(Generic[OutFrame]):
         counters.bytes_received += len(data)
         if complete:
             counters.messages_received += 1
-        return DataReceived(st.id, data, complete)
+        return DataReceived(stream_id=st.id, data=data, end_of_message=complete)
 
     # -- failure ---------------------------------------------------------
 

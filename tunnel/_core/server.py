@@ -268,7 +268,15 @@ class TunnelServerProtocol(Connection[ServerToClient]):
             if grown:
                 self._control.append(self._window_update(stream_id, grown))
         self.counters.streams_opened += 1
-        return [StreamOpened(stream_id, method, metadata, timeout, cardinality)]
+        return [
+            StreamOpened(
+                stream_id=stream_id,
+                method=method,
+                metadata=metadata,
+                timeout=timeout,
+                cardinality=cardinality,
+            )
+        ]
 
     def _lookup(self, method: str) -> Cardinality | None:
         """The cardinality a stream of ``method`` is served with; None refuses it.
@@ -328,7 +336,7 @@ class TunnelServerProtocol(Connection[ServerToClient]):
             if st.inbound.in_message:
                 raise StreamFault(Status.INTERNAL, "half-close in the middle of a message")
             st.request = step.next
-            return [HalfClosed(st.id)]
+            return [HalfClosed(stream_id=st.id)]
         if input_ is _CANCEL:  # the stream is over already
             self._abandon(st)
             return []
@@ -370,7 +378,7 @@ class TunnelServerProtocol(Connection[ServerToClient]):
         self._schedule(st)
         self._count_failed(st)
         self._end(st)
-        return StreamReset(st.id, reset.status.value, reset.message)
+        return StreamReset(stream_id=st.id, code=reset.status.value, message=reset.message)
 
 
 def _empty_headers(stream_id: int) -> ServerToClient:
