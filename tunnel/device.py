@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 from collections.abc import Awaitable, Callable, Collection
@@ -29,7 +30,7 @@ from ._pb.tunnel_pb2 import ClientToServer, ServerToClient
 from ._retry import PERMANENT_STATUSES, MetadataSource, Retry, check_callback, resolve_metadata
 from ._server_tunnel import Handlers, ServerTunnel, open_server_tunnel
 from ._stats import TunnelStatistics
-from ._tasks import call_back
+from ._tasks import Flag, call_back
 from ._tunnel import as_status
 from ._typing import Servable
 from ._wire import MAX_STREAMS_HEADER, NEGOTIATE_HEADER, OPEN_REVERSE_TUNNEL, opening_timed_out
@@ -41,6 +42,9 @@ __all__ = ["ReverseTunnelServer"]
 log = logging.getLogger("tunnel")
 
 _T = TypeVar("_T")
+
+#: Options are frozen: devices made without any share one.
+_DEFAULT_OPTIONS = TunnelOptions()
 
 
 async def _probe_network_server(channel: grpclib.client.Channel) -> None:
@@ -84,14 +88,16 @@ class ReverseTunnelServer:
         self._channel = channel
         # With a fallback, every other method the network server sends goes to it.
         self._handlers = Handlers.of(handlers, fallback)
-        self._options = options or TunnelOptions()
+        self._options = options or _DEFAULT_OPTIONS
         self.__dispatch__ = self._handlers.dispatch
-        self._tunnels: set[ServerTunnel] = set()
+        # A device holds a tunnel or a few: a list, and Flags, cost a fraction
+        # of a set and of asyncio.Event (see ``Flag``).
+        self._tunnels: list[ServerTunnel] = []
         self._serving = 0
-        self._idle = asyncio.Event()
+        self._idle = Flag()
         self._idle.set()
         self._closed = False
-        self._stop_forever = asyncio.Event()
+        self._stop_forever = Flag()
         #: The response headers of the most recently opened tunnel.
         self.response_metadata: MultiDict[Any] | None = None
         #: What the most recently ended tunnel carried, taken as it ended
@@ -126,15 +132,14 @@ class ReverseTunnelServer:
     ) -> None:
         if self._closed:
             raise GRPCError(Status.UNAVAILABLE, "reverse tunnel server is closed")
-        request_md: MultiDict[Any] = MultiDict(metadata)
-        request_md[NEGOTIATE_HEADER] = "on"
-        request_md[MAX_STREAMS_HEADER] = str(self._options.max_concurrent_streams)
+        # grpclib copies the request metadata: no local of this frame (which
+        # lives as long as the tunnel) keeps ours.
         stream = self._channel.request(
             OPEN_REVERSE_TUNNEL,
             Cardinality.STREAM_STREAM,
             ServerToClient,
             ClientToServer,
-            metadata=request_md,
+            metadata=self._request_metadata(metadata),
         )
         self._serving += 1
         self._idle.clear()
@@ -151,6 +156,13 @@ class ReverseTunnelServer:
             self._serving -= 1
             if not self._serving:
                 self._idle.set()
+
+    def _request_metadata(self, metadata: MultiDict[Any]) -> MultiDict[Any]:
+        """The carrying call's headers: *metadata* and what this end announces."""
+        request_md: MultiDict[Any] = MultiDict(metadata)
+        request_md[NEGOTIATE_HEADER] = "on"
+        request_md[MAX_STREAMS_HEADER] = str(self._options.max_concurrent_streams)
+        return request_md
 
     async def _serve_on(
         self,
@@ -169,9 +181,9 @@ class ReverseTunnelServer:
                 await self._unless_closed(stream.recv_initial_metadata)
         except TimeoutError:
             raise opening_timed_out("the reverse tunnel", timeout, step, self._channel) from None
-        response_md: MultiDict[Any] = MultiDict(stream.initial_metadata or ())
+        # grpclib's own MultiDict, not a copy kept beside it for the tunnel's life.
+        response_md: MultiDict[Any] = stream.initial_metadata or MultiDict()
         self.response_metadata = response_md
-        channel = self._channel
         tunnel = open_server_tunnel(
             stream,
             self._handlers,
@@ -181,11 +193,11 @@ class ReverseTunnelServer:
             response_metadata=response_md,
             peer_negotiates=response_md.get(NEGOTIATE_HEADER) == "on",
             user_agent=None,
-            probe=lambda: _probe_network_server(channel),
+            probe=functools.partial(_probe_network_server, self._channel),
         )
         if self._closed:
             raise _Closed
-        self._tunnels.add(tunnel)
+        self._tunnels.append(tunnel)
         try:
             if on_open is not None:
                 await on_open()
@@ -199,7 +211,7 @@ class ReverseTunnelServer:
         finally:
             if tunnel in self._tunnels:
                 self.last_statistics = tunnel.statistics()
-            self._tunnels.discard(tunnel)
+                self._tunnels.remove(tunnel)
         with contextlib.suppress(Exception):
             await stream.end()
         # The network server ends the call once it sees our end (or it
