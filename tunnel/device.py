@@ -43,6 +43,9 @@ log = logging.getLogger("tunnel")
 
 _T = TypeVar("_T")
 
+#: The ``OpenReverseTunnel`` call, from the device's side.
+_CarryingCall = grpclib.client.Stream[ServerToClient, ClientToServer]
+
 #: Options are frozen: devices made without any share one.
 _DEFAULT_OPTIONS = TunnelOptions()
 
@@ -145,7 +148,26 @@ class ReverseTunnelServer:
         self._idle.clear()
         try:
             async with stream:
-                await self._serve_on(stream, metadata, on_open)
+                # Opening and ending are coroutines of their own; serving is
+                # here, so that an idle tunnel keeps one frame less.
+                tunnel = await self._open(stream, metadata)
+                self._tunnels.append(tunnel)
+                try:
+                    if on_open is not None:
+                        await on_open()
+                    await tunnel.serve()
+                except Exception as exc:
+                    if isinstance(exc.__cause__, StreamTerminatedError):
+                        # The call was reset; the network server's status may
+                        # be in its trailers, where leaving ``async with``
+                        # looks for it.
+                        raise exc.__cause__ from None
+                    raise as_status(exc) from None
+                finally:
+                    if tunnel in self._tunnels:
+                        self.last_statistics = tunnel.statistics()
+                        self._tunnels.remove(tunnel)
+                await self._end_call(stream)
         except _Closed:
             pass  # close() ended it; leaving ``async with`` reset the call
         except StreamTerminatedError as exc:
@@ -164,12 +186,8 @@ class ReverseTunnelServer:
         request_md[MAX_STREAMS_HEADER] = str(self._options.max_concurrent_streams)
         return request_md
 
-    async def _serve_on(
-        self,
-        stream: grpclib.client.Stream[ServerToClient, ClientToServer],
-        metadata: MultiDict[Any],
-        on_open: Callable[[], Awaitable[None]] | None,
-    ) -> None:
+    async def _open(self, stream: _CarryingCall, metadata: MultiDict[Any]) -> ServerTunnel:
+        """Open the carrying call (bounded) and make its tunnel server."""
         # Opening waits on the network server, which may never answer:
         # close() must not wait for it, and it is bounded.
         timeout = self._options.negotiation_timeout
@@ -197,21 +215,10 @@ class ReverseTunnelServer:
         )
         if self._closed:
             raise _Closed
-        self._tunnels.append(tunnel)
-        try:
-            if on_open is not None:
-                await on_open()
-            await tunnel.serve()
-        except Exception as exc:
-            if isinstance(exc.__cause__, StreamTerminatedError):
-                # The call was reset; the network server's status may be in
-                # its trailers, where leaving ``async with`` looks for it.
-                raise exc.__cause__ from None
-            raise as_status(exc) from None
-        finally:
-            if tunnel in self._tunnels:
-                self.last_statistics = tunnel.statistics()
-                self._tunnels.remove(tunnel)
+        return tunnel
+
+    async def _end_call(self, stream: _CarryingCall) -> None:
+        """End our side of the carrying call and wait (bounded) for its status."""
         with contextlib.suppress(Exception):
             await stream.end()
         # The network server ends the call once it sees our end (or it
