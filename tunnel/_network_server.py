@@ -88,7 +88,7 @@ async def serve_forward(
         handlers,
         options=options,
         kind="forward",
-        metadata=MultiDict(stream.metadata or ()),
+        metadata=stream.metadata or MultiDict(),
         response_metadata=response_md,
         peer_negotiates=peer_negotiates,
         user_agent=stream.user_agent,
@@ -128,7 +128,8 @@ async def serve_reverse(
     runs beside it, in a task that ends when that is done
     (``_Registration``).
     """
-    metadata: MultiDict[Any] = MultiDict(stream.metadata or ())
+    # grpclib's own MultiDict, not a copy kept beside it for the tunnel's life.
+    metadata: MultiDict[Any] = stream.metadata or MultiDict()
     peer_negotiates = metadata.get(NEGOTIATE_HEADER) == "on"
     await stream.send_initial_metadata(metadata={NEGOTIATE_HEADER: "on"})
     tunnel = _ReverseTunnel(

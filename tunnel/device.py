@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import itertools
 import logging
 from collections.abc import Awaitable, Callable, Collection
@@ -48,23 +47,6 @@ _CarryingCall = grpclib.client.Stream[ServerToClient, ClientToServer]
 
 #: Options are frozen: devices made without any share one.
 _DEFAULT_OPTIONS = TunnelOptions()
-
-
-async def _probe_network_server(channel: grpclib.client.Channel) -> None:
-    """Keepalive of a device: a call the network server answers at once.
-
-    A device is the tunnel server and cannot start calls inside its tunnel,
-    so it asks outside it, on the connection the tunnel runs on: a call to a
-    method nobody serves.  Any status is an answer.  Unlike an HTTP/2 PING,
-    the answer is data from the server, which grpc-go's ping policing
-    counts in the device's favour (see docs/keepalive.md).
-    """
-    try:
-        async with channel.request(KEEPALIVE_METHOD, Cardinality.UNARY_UNARY, Empty, Empty) as call:
-            await call.send_message(Empty(), end=True)
-            await call.recv_message()
-    except (GRPCError, StreamTerminatedError):
-        pass
 
 
 class _Closed(Exception):
@@ -211,7 +193,7 @@ class ReverseTunnelServer:
             response_metadata=response_md,
             peer_negotiates=response_md.get(NEGOTIATE_HEADER) == "on",
             user_agent=None,
-            probe=functools.partial(_probe_network_server, self._channel),
+            probe=self._probe_network_server,
         )
         if self._closed:
             raise _Closed
@@ -233,6 +215,24 @@ class ReverseTunnelServer:
             raise GRPCError(
                 Status.UNAVAILABLE, "the network server did not end the tunnel's call"
             ) from None
+
+    async def _probe_network_server(self) -> None:
+        """Keepalive of a device: a call the network server answers at once.
+
+        A device is the tunnel server and cannot start calls inside its
+        tunnel, so it asks outside it, on the connection the tunnel runs on:
+        a call to a method nobody serves.  Any status is an answer.  Unlike
+        an HTTP/2 PING, the answer is data from the server, which grpc-go's
+        ping policing counts in the device's favour (see docs/keepalive.md).
+        A method, so that each tunnel's probe is a bound method, not a closure.
+        """
+        request = self._channel.request(KEEPALIVE_METHOD, Cardinality.UNARY_UNARY, Empty, Empty)
+        try:
+            async with request as call:
+                await call.send_message(Empty(), end=True)
+                await call.recv_message()
+        except (GRPCError, StreamTerminatedError):
+            pass
 
     async def _unless_closed(self, step: Callable[[], Awaitable[_T]]) -> _T:
         """Await ``step()``, unless ``close()`` comes first: then raise ``_Closed``."""
