@@ -141,14 +141,16 @@ async def serve_reverse(
         peer_max_streams=announced_max_streams(metadata),
     )
     channel = TunnelChannel(tunnel, metadata=metadata)
-    registration = _Registration(channel, pools)
-    registration.start(
+    registration = _Registration(
         tunnel,
-        options.negotiation_timeout,
+        channel,
+        pools,
+        timeout=options.negotiation_timeout,
         affinity_key=affinity_key,
         on_open=on_open,
         draining=draining,
     )
+    registration.start()
     try:
         try:
             await tunnel.run()
@@ -211,11 +213,39 @@ class _Registration:
     with that ``refusal``.
     """
 
-    __slots__ = ("_channel", "_key", "_pooled", "_pools", "_task", "opened", "refusal")
+    __slots__ = (
+        "_affinity_key",
+        "_channel",
+        "_draining",
+        "_key",
+        "_on_open",
+        "_pooled",
+        "_pools",
+        "_task",
+        "_timeout",
+        "_tunnel",
+        "opened",
+        "refusal",
+    )
 
-    def __init__(self, channel: TunnelChannel, pools: Pools) -> None:
+    def __init__(
+        self,
+        tunnel: ClientTunnel,
+        channel: TunnelChannel,
+        pools: Pools,
+        *,
+        timeout: float,
+        affinity_key: AffinityKey | None,
+        on_open: TunnelCallback | None,
+        draining: bool,
+    ) -> None:
+        self._tunnel = tunnel
         self._channel = channel
         self._pools = pools
+        self._timeout = timeout
+        self._affinity_key = affinity_key
+        self._on_open = on_open
+        self._draining = draining
         self._key: Hashable = None
         self._pooled = False
         self._task: asyncio.Task[None] | None = None
@@ -224,46 +254,28 @@ class _Registration:
         #: The key function's refusal of the tunnel.
         self.refusal: GRPCError | None = None
 
-    def start(
-        self,
-        tunnel: ClientTunnel,
-        timeout: float,
-        *,
-        affinity_key: AffinityKey | None,
-        on_open: TunnelCallback | None,
-        draining: bool,
-    ) -> None:
-        self._task = asyncio.create_task(
-            self._run(tunnel, timeout, affinity_key, on_open, draining),
-            name="reverse-tunnel-registration",
-        )
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="reverse-tunnel-registration")
 
-    async def _run(
-        self,
-        tunnel: ClientTunnel,
-        timeout: float,
-        affinity_key: AffinityKey | None,
-        on_open: TunnelCallback | None,
-        draining: bool,
-    ) -> None:
+    async def _run(self) -> None:
         try:
-            if not await tunnel.wait_opened(timeout):
+            if not await self._tunnel.wait_opened(self._timeout):
                 return
             self.opened = True
             channel = self._channel
-            if draining:
+            if self._draining:
                 channel.initiate_shutdown()
-            if affinity_key is not None:
+            if self._affinity_key is not None:
                 try:
-                    self._key = await _affinity_key(affinity_key, channel)
+                    self._key = await _affinity_key(self._affinity_key, channel)
                 except GRPCError as exc:
                     self.refusal = exc
                     channel.close()
                     return
             self._pools.add(channel, self._key)
             self._pooled = True
-            if on_open is not None:
-                await call_back(on_open, channel, what="on_reverse_tunnel_open")
+            if self._on_open is not None:
+                await call_back(self._on_open, channel, what="on_reverse_tunnel_open")
         finally:
             self._task = None
 
