@@ -146,6 +146,7 @@ class StreamCarrier(Generic[SendFrame, RecvFrame]):
         if self._h2 is not None:
             _seam.receive_large_frames(self._h2, DATA_FRAME_SIZE)
             _seam.skip_data_frame_dumps(self._h2)
+            _seam.light_stream_events(self._h2)
 
     async def send(self, frame: SendFrame) -> None:
         await self._stream.send_message(frame)

@@ -113,22 +113,62 @@ class ClientTunnel(Tunnel[ServerToClient, ClientToServer]):
             raise
         finally:
             ready.cancel()
-        if self._negotiated.is_set() and self.phase is Phase.OPEN:
+        if self.opened:
             return
         if not done:
-            self._abandon(
-                OpenTimeoutError(f"tunnel server sent no settings within {timeout:.3g} seconds")
-            )
+            self._abandon_late(timeout)
         await self._wait_main()
-        error = self.error
-        if error is None or isinstance(error, TunnelClosedError):
-            error = NegotiationError("tunnel server ended the call without sending settings")
-            self.error = error
-        raise error
+        raise self.opening_error()
 
     async def _wait_main(self) -> None:
         assert self._main is not None
         await asyncio.wait([self._main])
+
+    async def run(self) -> None:
+        """Run the tunnel in the calling task until it ends (instead of ``start``).
+
+        For an owner whose task lasts as long as the tunnel anyway (the
+        network server's handler of a reverse tunnel): the tunnel has no
+        main task of its own, which an idle tunnel would keep.  Whoever
+        waits for it to open calls ``wait_opened`` from another task, and
+        is cancelled by the owner if the tunnel ends first; once this
+        returns without ``opened``, ``opening_error()`` says why.  Raises
+        ``CancelledError`` if the calling task was cancelled (after ending
+        the tunnel, as ``_owner_cancelled`` says).
+        """
+        self._main = asyncio.current_task()
+        await self._run()
+
+    async def wait_opened(self, timeout: float) -> bool:
+        """Wait (up to *timeout* s) until calls may start on a tunnel ``run`` runs.
+
+        Returns ``opened``.  A tunnel server that sends no ``Settings`` in
+        time gets its tunnel abandoned (``OpenTimeoutError``).
+        """
+        try:
+            async with asyncio.timeout(timeout):
+                await self._negotiated.wait()
+        except TimeoutError:
+            self._abandon_late(timeout)
+        return self.opened
+
+    @property
+    def opened(self) -> bool:
+        """True once the server's ``Settings`` came and while calls may start."""
+        return self._negotiated.is_set() and self.phase is Phase.OPEN
+
+    def opening_error(self) -> BaseException:
+        """Why a tunnel that ended without ever opening could not be used."""
+        error = self.error
+        if error is None or isinstance(error, TunnelClosedError):
+            error = NegotiationError("tunnel server ended the call without sending settings")
+            self.error = error
+        return error
+
+    def _abandon_late(self, timeout: float) -> None:
+        self._abandon(
+            OpenTimeoutError(f"tunnel server sent no settings within {timeout:.3g} seconds")
+        )
 
     def _abandon(self, error: BaseException) -> None:
         """End a tunnel that never opened: cut its carrying call off at once."""
@@ -299,16 +339,6 @@ class ClientTunnel(Tunnel[ServerToClient, ClientToServer]):
     def close(self) -> None:
         """Cancel every call and end the tunnel (see the module docstring)."""
         self._request_stop(_CLOSED_BY_OWNER)
-        if self._main is None:
-            self.phase = Phase.CLOSED
-            self._closed.set()
-
-    def abort(self, error: BaseException) -> None:
-        """End the tunnel now because of *error*; calls fail with UNAVAILABLE."""
-        message = closed_message(describe(error))
-        self._request_stop(
-            Ending(Status.UNAVAILABLE, message, error, graceful=False, reason=reason_for(error))
-        )
         if self._main is None:
             self.phase = Phase.CLOSED
             self._closed.set()

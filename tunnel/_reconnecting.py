@@ -31,7 +31,6 @@ from typing import Any, TypeVar
 
 import grpclib.client
 from grpclib.const import Status
-from grpclib.encoding.proto import ProtoCodec, ProtoStatusDetailsCodec
 from grpclib.exceptions import GRPCError
 
 from ._client_tunnel import ClientTunnel
@@ -39,6 +38,7 @@ from ._retry import PERMANENT_STATUSES, MetadataSource, Retry, check_callback, r
 from ._seam import become_channel, channel_codecs
 from ._tasks import call_back, cancel_and_wait
 from ._tunnel import describe
+from ._wire import PROTO_CODEC, PROTO_STATUS_DETAILS_CODEC
 from .channel import CallingChannel, CallTarget, TunnelChannel, open_tunnel
 from .options import TunnelOptions
 
@@ -100,8 +100,8 @@ class ReconnectingTunnelChannel(CallingChannel):
         codec, status_details_codec = channel_codecs(channel)
         self.__dispatch__ = become_channel(
             self,
-            codec=codec or ProtoCodec(),
-            status_details_codec=status_details_codec or ProtoStatusDetailsCodec(),
+            codec=codec or PROTO_CODEC,
+            status_details_codec=status_details_codec or PROTO_STATUS_DETAILS_CODEC,
         )
         self._phase = _State.IDLE
         self._current: TunnelChannel | None = None

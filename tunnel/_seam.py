@@ -51,6 +51,10 @@ The touches, one line each (keep this list in step with the code):
   ``update_settings`` and ``max_inbound_frame_size``
   (``receive_large_frames``): let the peer send longer HTTP/2 DATA frames
   on a carrying connection.
+* ``protocol.Stream.window_updated``, ``headers_received`` and
+  ``trailers_received``, and asyncio's ``Event._waiters``
+  (``light_stream_events``): ``Flag``s instead of ``asyncio.Event``s on a
+  carrying stream.
 * ``H2Connection.incoming_buffer`` (h2's ``FrameBuffer``, wrapped) and
   hyperframe's ``Frame._body_repr`` (``skip_data_frame_dumps``): no hex dump
   of every DATA frame a carrying connection receives.
@@ -96,6 +100,7 @@ from h2.settings import SettingCodes
 from hyperframe.frame import DataFrame
 
 from ._coalesce import CoalescingTransport
+from ._tasks import Flag
 
 __all__ = [
     "ChannelEvents",
@@ -115,6 +120,7 @@ __all__ = [
     "http2_pinger",
     "http2_stream",
     "http2_stream_limit_reached",
+    "light_stream_events",
     "receive_large_frames",
     "received_status_headers",
     "record_connections",
@@ -437,6 +443,36 @@ def skip_data_frame_dumps(h2: grpclib.protocol.Stream) -> None:
     frames = h2_connection.incoming_buffer
     if not isinstance(frames, _FramesNotDumped):
         h2_connection.incoming_buffer = cast(FrameBuffer, _FramesNotDumped(frames))
+
+
+#: The ``asyncio.Event``s grpclib's ``protocol.Stream`` makes for itself.
+_STREAM_EVENTS = ("window_updated", "headers_received", "trailers_received")
+
+
+def light_stream_events(h2: grpclib.protocol.Stream) -> None:
+    """Put ``Flag``s in place of the HTTP/2 stream's ``asyncio.Event``s.
+
+    grpclib's ``protocol.Stream`` makes three ``asyncio.Event``s with it
+    (``window_updated``, ``headers_received``, ``trailers_received``), each
+    with an empty ``collections.deque`` of 760 bytes for its waiters.  A
+    carrying stream lives as long as its tunnel: 4.5 KiB of every idle
+    tunnel (both ends).  grpclib only calls their ``set``, ``clear`` and
+    ``wait`` (``protocol.Stream.recv_headers``, ``recv_trailers`` and
+    ``send_data``; its ``Connection`` on HEADERS, trailers and
+    WINDOW_UPDATE), which a ``Flag`` has, with the same meaning; each keeps
+    its state.  An event a task waits on is left as it is (a carrier is made
+    once the response headers have arrived and before it sent any data,
+    when none is).  Relies on those three attributes, and on asyncio's
+    ``Event._waiters`` (the futures of the tasks waiting).
+    """
+    for name in _STREAM_EVENTS:
+        event = getattr(h2, name, None)
+        if type(event) is not asyncio.Event or event._waiters:
+            continue
+        flag = Flag()
+        if event.is_set():
+            flag.set()
+        setattr(h2, name, flag)
 
 
 def call_wrapper(stream: object) -> contextlib.AbstractContextManager[Any]:

@@ -26,7 +26,6 @@ from typing import Any, cast
 from google.rpc.status_pb2 import Status as StatusProto
 from grpclib.const import Handler, Status
 from grpclib.encoding.base import CodecBase, StatusDetailsCodecBase
-from grpclib.encoding.proto import ProtoCodec, ProtoStatusDetailsCodec
 from grpclib.exceptions import GRPCError
 from grpclib.metadata import Deadline
 from grpclib.protocol import Peer
@@ -43,6 +42,7 @@ from ._server_stream import TunnelServerStream
 from ._tasks import Flag, cancel_and_wait
 from ._tunnel import Carrier, Ending, EndReason, Tunnel
 from ._typing import Servable
+from ._wire import PROTO_CODEC, PROTO_STATUS_DETAILS_CODEC
 from .fallback import Fallback, fallback_cardinality, with_fallback
 from .options import TunnelOptions
 
@@ -104,8 +104,8 @@ class Handlers:
         return cls(
             mapping=with_fallback(mapping, fallback),
             dispatch=ServerEvents(),
-            codec=ProtoCodec(),
-            status_details_codec=ProtoStatusDetailsCodec(),
+            codec=PROTO_CODEC,
+            status_details_codec=PROTO_STATUS_DETAILS_CODEC,
         )
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from grpclib.encoding.proto import ProtoCodec, ProtoStatusDetailsCodec
+
 from ._seam import http2_stream_limit_reached
 from .errors import OpenTimeoutError
 
@@ -18,6 +20,8 @@ __all__ = [
     "NEGOTIATE_HEADER",
     "OPEN_REVERSE_TUNNEL",
     "OPEN_TUNNEL",
+    "PROTO_CODEC",
+    "PROTO_STATUS_DETAILS_CODEC",
     "announced_max_streams",
     "opening_timed_out",
 ]
@@ -31,6 +35,11 @@ NEGOTIATE_HEADER = "grpctunnel-negotiate"
 #: OpenTunnel, request headers of OpenReverseTunnel): how many streams it
 #: serves at once.  Peers that do not know it ignore it.
 MAX_STREAMS_HEADER = "grpclib-tunnel-max-streams"
+
+#: The codecs of tunneled calls when none are given: grpclib's protobuf
+#: ones keep no state, so one of each serves every tunnel and channel.
+PROTO_CODEC = ProtoCodec()
+PROTO_STATUS_DETAILS_CODEC = ProtoStatusDetailsCodec()
 
 
 def announced_max_streams(headers: Any) -> int | None:

@@ -18,7 +18,6 @@ from typing import Any, TypeVar
 import grpclib.client
 from grpclib.const import Cardinality, Status
 from grpclib.encoding.base import CodecBase, StatusDetailsCodecBase
-from grpclib.encoding.proto import ProtoCodec, ProtoStatusDetailsCodec
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 from grpclib.metadata import Deadline, decode_grpc_message
 from grpclib.protocol import Peer
@@ -39,6 +38,8 @@ from ._tunnel import EndReason
 from ._wire import (
     NEGOTIATE_HEADER,
     OPEN_TUNNEL,
+    PROTO_CODEC,
+    PROTO_STATUS_DETAILS_CODEC,
     announced_max_streams,
     opening_timed_out,
 )
@@ -111,8 +112,8 @@ class TunnelChannel(CallingChannel):
         self._tunnel = tunnel
         self.__dispatch__ = become_channel(
             self,
-            codec=codec or ProtoCodec(),
-            status_details_codec=status_details_codec or ProtoStatusDetailsCodec(),
+            codec=codec or PROTO_CODEC,
+            status_details_codec=status_details_codec or PROTO_STATUS_DETAILS_CODEC,
         )
         #: The metadata the tunnel was opened with.
         self.metadata = metadata

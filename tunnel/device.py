@@ -29,7 +29,7 @@ from ._pb.tunnel_pb2 import ClientToServer, ServerToClient
 from ._retry import PERMANENT_STATUSES, MetadataSource, Retry, check_callback, resolve_metadata
 from ._server_tunnel import Handlers, ServerTunnel, open_server_tunnel
 from ._stats import TunnelStatistics
-from ._tasks import call_back
+from ._tasks import Flag, call_back
 from ._tunnel import as_status
 from ._typing import Servable
 from ._wire import MAX_STREAMS_HEADER, NEGOTIATE_HEADER, OPEN_REVERSE_TUNNEL, opening_timed_out
@@ -42,22 +42,11 @@ log = logging.getLogger("tunnel")
 
 _T = TypeVar("_T")
 
+#: The ``OpenReverseTunnel`` call, from the device's side.
+_CarryingCall = grpclib.client.Stream[ServerToClient, ClientToServer]
 
-async def _probe_network_server(channel: grpclib.client.Channel) -> None:
-    """Keepalive of a device: a call the network server answers at once.
-
-    A device is the tunnel server and cannot start calls inside its tunnel,
-    so it asks outside it, on the connection the tunnel runs on: a call to a
-    method nobody serves.  Any status is an answer.  Unlike an HTTP/2 PING,
-    the answer is data from the server, which grpc-go's ping policing
-    counts in the device's favour (see docs/keepalive.md).
-    """
-    try:
-        async with channel.request(KEEPALIVE_METHOD, Cardinality.UNARY_UNARY, Empty, Empty) as call:
-            await call.send_message(Empty(), end=True)
-            await call.recv_message()
-    except (GRPCError, StreamTerminatedError):
-        pass
+#: Options are frozen: devices made without any share one.
+_DEFAULT_OPTIONS = TunnelOptions()
 
 
 class _Closed(Exception):
@@ -84,14 +73,16 @@ class ReverseTunnelServer:
         self._channel = channel
         # With a fallback, every other method the network server sends goes to it.
         self._handlers = Handlers.of(handlers, fallback)
-        self._options = options or TunnelOptions()
+        self._options = options or _DEFAULT_OPTIONS
         self.__dispatch__ = self._handlers.dispatch
-        self._tunnels: set[ServerTunnel] = set()
+        # A device holds a tunnel or a few: a list, and Flags, cost a fraction
+        # of a set and of asyncio.Event (see ``Flag``).
+        self._tunnels: list[ServerTunnel] = []
         self._serving = 0
-        self._idle = asyncio.Event()
+        self._idle = Flag()
         self._idle.set()
         self._closed = False
-        self._stop_forever = asyncio.Event()
+        self._stop_forever = Flag()
         #: The response headers of the most recently opened tunnel.
         self.response_metadata: MultiDict[Any] | None = None
         #: What the most recently ended tunnel carried, taken as it ended
@@ -126,21 +117,39 @@ class ReverseTunnelServer:
     ) -> None:
         if self._closed:
             raise GRPCError(Status.UNAVAILABLE, "reverse tunnel server is closed")
-        request_md: MultiDict[Any] = MultiDict(metadata)
-        request_md[NEGOTIATE_HEADER] = "on"
-        request_md[MAX_STREAMS_HEADER] = str(self._options.max_concurrent_streams)
+        # grpclib copies the request metadata: no local of this frame (which
+        # lives as long as the tunnel) keeps ours.
         stream = self._channel.request(
             OPEN_REVERSE_TUNNEL,
             Cardinality.STREAM_STREAM,
             ServerToClient,
             ClientToServer,
-            metadata=request_md,
+            metadata=self._request_metadata(metadata),
         )
         self._serving += 1
         self._idle.clear()
         try:
             async with stream:
-                await self._serve_on(stream, metadata, on_open)
+                # Opening and ending are coroutines of their own; serving is
+                # here, so that an idle tunnel keeps one frame less.
+                tunnel = await self._open(stream, metadata)
+                self._tunnels.append(tunnel)
+                try:
+                    if on_open is not None:
+                        await on_open()
+                    await tunnel.serve()
+                except Exception as exc:
+                    if isinstance(exc.__cause__, StreamTerminatedError):
+                        # The call was reset; the network server's status may
+                        # be in its trailers, where leaving ``async with``
+                        # looks for it.
+                        raise exc.__cause__ from None
+                    raise as_status(exc) from None
+                finally:
+                    if tunnel in self._tunnels:
+                        self.last_statistics = tunnel.statistics()
+                        self._tunnels.remove(tunnel)
+                await self._end_call(stream)
         except _Closed:
             pass  # close() ended it; leaving ``async with`` reset the call
         except StreamTerminatedError as exc:
@@ -152,12 +161,15 @@ class ReverseTunnelServer:
             if not self._serving:
                 self._idle.set()
 
-    async def _serve_on(
-        self,
-        stream: grpclib.client.Stream[ServerToClient, ClientToServer],
-        metadata: MultiDict[Any],
-        on_open: Callable[[], Awaitable[None]] | None,
-    ) -> None:
+    def _request_metadata(self, metadata: MultiDict[Any]) -> MultiDict[Any]:
+        """The carrying call's headers: *metadata* and what this end announces."""
+        request_md: MultiDict[Any] = MultiDict(metadata)
+        request_md[NEGOTIATE_HEADER] = "on"
+        request_md[MAX_STREAMS_HEADER] = str(self._options.max_concurrent_streams)
+        return request_md
+
+    async def _open(self, stream: _CarryingCall, metadata: MultiDict[Any]) -> ServerTunnel:
+        """Open the carrying call (bounded) and make its tunnel server."""
         # Opening waits on the network server, which may never answer:
         # close() must not wait for it, and it is bounded.
         timeout = self._options.negotiation_timeout
@@ -169,9 +181,9 @@ class ReverseTunnelServer:
                 await self._unless_closed(stream.recv_initial_metadata)
         except TimeoutError:
             raise opening_timed_out("the reverse tunnel", timeout, step, self._channel) from None
-        response_md: MultiDict[Any] = MultiDict(stream.initial_metadata or ())
+        # grpclib's own MultiDict, not a copy kept beside it for the tunnel's life.
+        response_md: MultiDict[Any] = stream.initial_metadata or MultiDict()
         self.response_metadata = response_md
-        channel = self._channel
         tunnel = open_server_tunnel(
             stream,
             self._handlers,
@@ -181,25 +193,14 @@ class ReverseTunnelServer:
             response_metadata=response_md,
             peer_negotiates=response_md.get(NEGOTIATE_HEADER) == "on",
             user_agent=None,
-            probe=lambda: _probe_network_server(channel),
+            probe=self._probe_network_server,
         )
         if self._closed:
             raise _Closed
-        self._tunnels.add(tunnel)
-        try:
-            if on_open is not None:
-                await on_open()
-            await tunnel.serve()
-        except Exception as exc:
-            if isinstance(exc.__cause__, StreamTerminatedError):
-                # The call was reset; the network server's status may be in
-                # its trailers, where leaving ``async with`` looks for it.
-                raise exc.__cause__ from None
-            raise as_status(exc) from None
-        finally:
-            if tunnel in self._tunnels:
-                self.last_statistics = tunnel.statistics()
-            self._tunnels.discard(tunnel)
+        return tunnel
+
+    async def _end_call(self, stream: _CarryingCall) -> None:
+        """End our side of the carrying call and wait (bounded) for its status."""
         with contextlib.suppress(Exception):
             await stream.end()
         # The network server ends the call once it sees our end (or it
@@ -214,6 +215,24 @@ class ReverseTunnelServer:
             raise GRPCError(
                 Status.UNAVAILABLE, "the network server did not end the tunnel's call"
             ) from None
+
+    async def _probe_network_server(self) -> None:
+        """Keepalive of a device: a call the network server answers at once.
+
+        A device is the tunnel server and cannot start calls inside its
+        tunnel, so it asks outside it, on the connection the tunnel runs on:
+        a call to a method nobody serves.  Any status is an answer.  Unlike
+        an HTTP/2 PING, the answer is data from the server, which grpc-go's
+        ping policing counts in the device's favour (see docs/keepalive.md).
+        A method, so that each tunnel's probe is a bound method, not a closure.
+        """
+        request = self._channel.request(KEEPALIVE_METHOD, Cardinality.UNARY_UNARY, Empty, Empty)
+        try:
+            async with request as call:
+                await call.send_message(Empty(), end=True)
+                await call.recv_message()
+        except (GRPCError, StreamTerminatedError):
+            pass
 
     async def _unless_closed(self, step: Callable[[], Awaitable[_T]]) -> _T:
         """Await ``step()``, unless ``close()`` comes first: then raise ``_Closed``."""

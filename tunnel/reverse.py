@@ -14,13 +14,13 @@ from collections.abc import Hashable
 from typing import Any, TypeVar
 
 from grpclib.const import Status
-from grpclib.encoding.proto import ProtoCodec, ProtoStatusDetailsCodec
 from grpclib.exceptions import GRPCError
 
 from ._client_tunnel import ClientTunnel
 from ._network_server import AffinityKey, TunnelCallback
 from ._pools import Pools
 from ._seam import become_channel
+from ._wire import PROTO_CODEC, PROTO_STATUS_DETAILS_CODEC
 from .channel import CallingChannel, CallTarget
 
 __all__ = ["AffinityKey", "ReverseChannel", "TunnelCallback"]
@@ -43,7 +43,7 @@ class ReverseChannel(CallingChannel):
         self._key = key
         self._description = description
         self.__dispatch__ = become_channel(
-            self, codec=ProtoCodec(), status_details_codec=ProtoStatusDetailsCodec()
+            self, codec=PROTO_CODEC, status_details_codec=PROTO_STATUS_DETAILS_CODEC
         )
 
     def is_ready(self) -> bool:

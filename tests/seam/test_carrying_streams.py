@@ -27,6 +27,7 @@ from tests.conftest import _listening_socket
 from tests.integration.support import Proxy, connected
 from tunnel import _seam
 from tunnel._core.framing import frame_prefix
+from tunnel._tasks import Flag
 from tunnel.testing._pb.grpchantesting import Message
 
 METHOD = "/seam.Test/Raw"
@@ -421,6 +422,80 @@ def test_a_data_frame_not_dumped_is_the_same_frame() -> None:
     assert (frame.stream_id, frame.data, frame.flags) == (1, sent.data, sent.flags)
     assert "0001" not in repr(frame) and "(data not shown)" in repr(frame)
     assert wrapped.max_frame_size == 16_384
+
+
+# -- light_stream_events -------------------------------------------------------------
+
+
+def event_types(h2: grpclib.protocol.Stream) -> dict[str, type]:
+    return {name: type(getattr(h2, name)) for name in _seam._STREAM_EVENTS}
+
+
+async def test_light_stream_events_carry_a_call_past_its_window_to_its_trailers() -> None:
+    """Flags on both ends: the sender waits out the window on one, trailers end the call."""
+    payload = bytes(range(256)) * (3 * WINDOW // 256 + 1)  # the sender waits for the window
+    flags_on_server: list[dict[str, type]] = []
+
+    async def behave(stream: grpclib.server.Stream[Any, Any]) -> None:
+        h2 = h2_of(stream)
+        states = [getattr(h2, name).is_set() for name in _seam._STREAM_EVENTS]
+        _seam.light_stream_events(h2)
+        flags_on_server.append(event_types(h2))
+        assert [getattr(h2, name).is_set() for name in _seam._STREAM_EVENTS] == states
+        await stream.send_initial_metadata()
+        await h2.send_data(payload)
+        await stream.send_trailing_metadata()
+
+    async with (
+        asyncio.timeout(TIMEOUT),
+        server(behave) as port,
+        connected(port) as channel,
+        call(channel) as stream,
+    ):
+        await stream.send_request(end=True)
+        await stream.recv_initial_metadata()
+        h2 = _seam.http2_stream(stream)
+        assert h2 is not None
+        _seam.light_stream_events(h2)
+        assert event_types(h2) == dict.fromkeys(_seam._STREAM_EVENTS, Flag)
+        assert h2.headers_received.is_set() and not h2.trailers_received.is_set()
+        received = b"".join(p for parts in await read_all_some(h2, WINDOW) for p in parts)
+        await stream.recv_trailing_metadata()
+        assert h2.trailers_received.is_set()
+    assert flags_on_server == [dict.fromkeys(_seam._STREAM_EVENTS, Flag)]
+    assert received == payload
+
+
+async def test_light_stream_events_leave_an_event_a_task_waits_on() -> None:
+    """A task waiting on an event when it would be replaced is still woken by grpclib."""
+    answer = asyncio.Event()
+
+    async def behave(stream: grpclib.server.Stream[Any, Any]) -> None:
+        await answer.wait()
+        await stream.send_initial_metadata()
+        await stream.send_trailing_metadata()
+
+    async with (
+        asyncio.timeout(TIMEOUT),
+        server(behave) as port,
+        connected(port) as channel,
+        call(channel) as stream,
+    ):
+        await stream.send_request(end=True)
+        h2 = _seam.http2_stream(stream)
+        assert h2 is not None
+        headers = asyncio.create_task(stream.recv_initial_metadata())
+        while not h2.headers_received._waiters:  # bounded by the timeout above
+            await asyncio.sleep(0)
+        _seam.light_stream_events(h2)
+        assert event_types(h2) == {
+            "window_updated": Flag,
+            "headers_received": asyncio.Event,
+            "trailers_received": Flag,
+        }
+        answer.set()
+        await headers
+        await stream.recv_trailing_metadata()
 
 
 # -- call_wrapper ---------------------------------------------------------------------
