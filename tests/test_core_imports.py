@@ -23,8 +23,8 @@ The rules, checked on the import statements of every module (read with
    ``tunnel.trio`` or ``tunnel.testing``.
 2. Beyond the standard library a layer imports only the packages its row
    names: the library its run-time dependencies (grpclib, with the multidict
-   and h2 it brings and h2's hyperframe, and protobuf), each extra's layer
-   that extra as well.
+   and h2 it brings, hyperframe and protobuf), each extra's layer that extra
+   as well.
    The core takes only grpclib's pure modules (``const``, ``metadata``,
    ``exceptions``) and none of the standard library's I/O: a driver for
    another event loop must be able to sit on ``tunnel._core`` alone.
@@ -61,10 +61,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "tunnel"
 
-#: The library's run-time dependencies (pyproject's ``dependencies``), with
-#: the two packages grpclib itself brings and whose names its API uses, and
-#: h2's frame classes (hyperframe, which h2 requires; only ``_seam`` touches
-#: them, to leave h2's per-frame work out of carrying connections).
+#: The library's run-time dependencies (pyproject's ``dependencies``: grpclib,
+#: protobuf, hyperframe, for h2's frame classes that only ``_seam`` reads),
+#: with the two packages grpclib itself brings and whose names its API uses.
 RUNTIME = ("grpclib", "multidict", "h2", "hyperframe", "google.protobuf", "google.rpc")
 
 #: The standard library's I/O, which the sans-IO core leaves to its driver.
