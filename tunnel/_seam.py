@@ -67,9 +67,11 @@ The touches, one line each (keep this list in step with the code):
   passed through as bytes on one call (``use_status_details_codec``).
 * ``protocol.Stream.headers`` / ``.trailers`` under a client ``Stream``:
   a status that arrived just before a reset (``received_status_headers``).
-* ``Server._protocol_factory`` (wrapped, to see each accepted connection) and
-  ``H2Protocol.connection.close()``: ``record_connections`` /
-  ``drop_connections``, so that a stopped server's connections end.
+* ``Server._protocol_factory`` (wrapped, to see each accepted connection),
+  ``H2Protocol.connection.close()``, and ``H2Protocol.connection_made``
+  (wrapped on a connection still being accepted, to close it once made):
+  ``record_connections`` / ``drop_connections``, so that a stopped
+  server's connections end, those it was accepting as it stopped included.
 * ``grpclib.utils._current_task`` (rebound): ``follow_asyncio_current_task``,
   for grpclib under trio-asyncio on Python 3.12+.
 * ``Server._protocol_factory`` and ``Channel._protocol_factory`` (wrapped),
@@ -84,7 +86,7 @@ import asyncio
 import contextlib
 import os
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, cast
 
 import grpclib.client
@@ -104,6 +106,7 @@ from ._tasks import Flag
 
 __all__ = [
     "ChannelEvents",
+    "Connections",
     "DataTruncated",
     "Metadata",
     "MetadataLike",
@@ -579,7 +582,63 @@ def http2_stream_limit_reached(channel: object) -> int | None:
     return limit if int(h2.open_outbound_streams) >= limit else None
 
 
-def record_connections(server: grpclib.server.Server) -> weakref.WeakSet[Any]:
+class Connections:
+    """The connections a server accepted (held weakly), and whether they were dropped.
+
+    Once dropped, a connection that the server is still in the middle of
+    accepting (asyncio made its protocol, or will, but has not called
+    ``connection_made`` yet) is closed the moment it is made: otherwise a
+    connection accepted just before ``Server.close()`` outlives the server,
+    and the event loop's end finds its socket open.  ``wait_closed`` waits
+    until every one of them has been closed by asyncio (its socket with it).
+    """
+
+    __slots__ = ("_closed", "_open", "_protocols", "dropped")
+
+    def __init__(self) -> None:
+        self._protocols: weakref.WeakSet[Any] = weakref.WeakSet()
+        self.dropped = False
+        #: Connections accepted and not yet lost (their socket still open).
+        self._open = 0
+        self._closed: asyncio.Event | None = None
+
+    def __len__(self) -> int:
+        return len(self._protocols)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(list(self._protocols))
+
+    def add(self, protocol: Any) -> None:
+        self._protocols.add(protocol)
+        self._open += 1
+        connection_lost = protocol.connection_lost
+
+        def lost(exc: Exception | None) -> None:
+            try:
+                connection_lost(exc)
+            finally:
+                self._open -= 1
+                if not self._open and self._closed is not None:
+                    self._closed.set()
+
+        protocol.connection_lost = lost
+        if self.dropped:
+            _close_when_made(protocol)
+
+    async def wait_closed(self) -> None:
+        """Wait until every connection accepted so far is closed (bound it yourself).
+
+        First one pass of the event loop: a connection accepted just before
+        the server stopped listening gets its protocol then (asyncio makes it
+        in a task of its own), and is counted.
+        """
+        await asyncio.sleep(0)
+        while self._open:
+            self._closed = closed = asyncio.Event()
+            await closed.wait()
+
+
+def record_connections(server: grpclib.server.Server) -> Connections:
     """The connections ``server`` accepts from now on (a live, weak view).
 
     grpclib's ``Server.close()`` stops listening and cancels running
@@ -589,7 +648,7 @@ def record_connections(server: grpclib.server.Server) -> weakref.WeakSet[Any]:
     of each accepted connection.  Held weakly: a connection that ended is
     forgotten with it.
     """
-    connections: weakref.WeakSet[Any] = weakref.WeakSet()
+    connections = Connections()
     _each_new_protocol(server, connections.add)
     return connections
 
@@ -613,17 +672,33 @@ def _each_new_protocol(
     target._protocol_factory = factory  # type: ignore[method-assign]
 
 
-def drop_connections(connections: weakref.WeakSet[Any]) -> None:
+def drop_connections(connections: Connections) -> None:
     """Close each recorded connection's socket, as a process exit would.
 
     ``H2Protocol.connection`` exists once the connection was made; closing
     it closes the transport, and grpclib then fails that connection's
-    streams as on any lost connection.
+    streams as on any lost connection.  A connection not made yet, and any
+    the server still accepts, is closed as soon as it is made (asyncio calls
+    ``connection_made`` with the transport; the wrapper closes it after
+    grpclib has seen it).
     """
-    for protocol in list(connections):
+    connections.dropped = True
+    for protocol in connections:
         connection = getattr(protocol, "connection", None)
         if connection is not None:
             connection.close()
+        else:
+            _close_when_made(protocol)
+
+
+def _close_when_made(protocol: Any) -> None:
+    connection_made = protocol.connection_made
+
+    def made(transport: asyncio.BaseTransport) -> None:
+        connection_made(transport)
+        transport.close()
+
+    protocol.connection_made = made
 
 
 def follow_asyncio_current_task() -> None:

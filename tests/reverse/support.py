@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import logging
 import socket
-import weakref
 from collections.abc import AsyncIterator, Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypedDict
@@ -108,7 +107,7 @@ class Router:
     handler: tunnel.TunnelServiceHandler
     port: int
     #: The server's live connections (``tunnel._seam.record_connections``).
-    connections: weakref.WeakSet[Any] = field(default_factory=weakref.WeakSet)
+    connections: _seam.Connections = field(default_factory=_seam.Connections)
 
     async def crash(self) -> None:
         """Stop the server as a process exit would: connections drop too.
@@ -168,7 +167,7 @@ async def router(
         await stop(server, connections)
 
 
-async def stop(server: grpclib.server.Server, connections: weakref.WeakSet[Any]) -> None:
+async def stop(server: grpclib.server.Server, connections: _seam.Connections) -> None:
     """Close the server and drop its connections.
 
     Since Python 3.12.1 asyncio's ``Server.wait_closed()`` (which grpclib's

@@ -287,3 +287,5 @@ async def serve(
         _seam.drop_connections(connections)
         with trio.CancelScope(shield=True), trio.move_on_after(CANCEL_GRACE):
             await hop(server.wait_closed)
+            # Their sockets are closed by asyncio, which stops with the loop.
+            await hop(connections.wait_closed)
