@@ -101,7 +101,9 @@ MEANING = """\
   and waits for the end of the call. *s* is the time until all have ended;
   *most in flight* is the most handlers the server ran at once (direct
   grpclib is capped at 100 by h2's default MAX_CONCURRENT_STREAMS, the rest
-  queue; a tunnel has no such cap; grpcio's client barely overlaps these
+  queue; our tunnels by `max_concurrent_streams`, 100 by default, and our
+  clients queue the rest too; grpctunnel-py has no cap, so this row is not
+  among those it is compared on; grpcio's client barely overlaps these
   short calls); *peak RSS growth* is the process's peak RSS during the run
   over its RSS before.
 - **idle tunnel**: RSS growth per open tunnel with no call in it, {tunnels}
