@@ -14,7 +14,6 @@ import pytest
 
 from tunnel import TunnelOptions
 from tunnel._core.connection import GROWN_WINDOWS
-from tunnel._core.events import DataReceived
 
 from .helpers import BIDI, SERVER_STREAM, UNARY, Pair, data_of
 
@@ -31,25 +30,42 @@ def updates_to_client(pair: Pair, start: int) -> list[tuple[int, int]]:
     ]
 
 
-def send_and_consume(pair: Pair, stream_id: int, size: int) -> list[int]:
-    """The client sends ``size`` bytes; the server's application consumes
-    everything that arrived in each round and acknowledges it at once, as the
-    driver does once per batch.  Returns the bytes that arrived per round."""
-    for offset in range(0, size, MAX):  # messages of at most 1 MiB (limit: 4 MiB)
-        pair.client.send_message(stream_id, b"d" * min(MAX, size - offset))
+def consume(pair: Pair, stream_id: int, *, by_client: bool = False) -> list[int]:
+    """Pump until nothing more arrives; the receiving application consumes
+    what arrived in each round and acknowledges it at once, as the driver does
+    once per batch.  Returns the bytes that arrived per round."""
+    receiver = pair.client if by_client else pair.server
     rounds: list[int] = []
-    received = 0
     for _ in range(1000):
-        _, events = pair.pump()
-        arrived = len(data_of([e for e in events if isinstance(e, DataReceived)]))
+        client_events, server_events = pair.pump()
+        arrived = len(data_of(client_events if by_client else server_events))
         if not arrived:
             break
         rounds.append(arrived)
-        received += arrived
-        pair.server.acknowledge(stream_id, arrived)
+        receiver.acknowledge(stream_id, arrived)
     pair.pump()
-    assert received == size
     return rounds
+
+
+def send_and_consume(pair: Pair, stream_id: int, size: int) -> list[int]:
+    """The client sends ``size`` bytes, which the server's application consumes."""
+    for offset in range(0, size, MAX):  # messages of at most 1 MiB (limit: 4 MiB)
+        pair.client.send_message(stream_id, b"d" * min(MAX, size - offset))
+    rounds = consume(pair, stream_id)
+    assert sum(rounds) == size
+    return rounds
+
+
+def stream_to_client(pair: Pair, size: int) -> list[int]:
+    """A server-streaming call whose responses (``size`` bytes in messages
+    of 1 MiB) the client's application consumes; bytes arrived per round."""
+    stream_id = pair.open(SERVER_STREAM)
+    pair.client.send_message(stream_id, b"q")
+    pair.client.half_close(stream_id)
+    pair.pump()
+    for _ in range(size // MAX):
+        pair.server.send_message(stream_id, b"r" * MAX)
+    return consume(pair, stream_id, by_client=True)
 
 
 def test_a_window_the_peer_fills_grows_to_the_maximum_and_no_further() -> None:
@@ -87,20 +103,7 @@ def test_a_window_the_peer_leaves_mostly_unused_does_not_grow() -> None:
 
 def test_the_client_grows_the_windows_of_responses_too() -> None:
     pair = Pair(max_window_size=MAX)
-    stream_id = pair.open(SERVER_STREAM)
-    pair.client.send_message(stream_id, b"q")
-    pair.client.half_close(stream_id)
-    pair.pump()
-    for _ in range(4):
-        pair.server.send_message(stream_id, b"r" * MAX)
-    rounds = []
-    for _ in range(1000):
-        events, _ = pair.pump()
-        arrived = len(data_of([e for e in events if isinstance(e, DataReceived)]))
-        if not arrived:
-            break
-        rounds.append(arrived)
-        pair.client.acknowledge(stream_id, arrived)
+    rounds = stream_to_client(pair, 4 * MAX)
     assert sum(rounds) == 4 * MAX
     assert max(rounds) == MAX
 
@@ -122,18 +125,7 @@ def test_a_new_stream_starts_with_what_the_tunnel_learned() -> None:
     assert updates_to_client(pair, start)[-1][0] != unary
 
     # The same on the client: what it learned from responses goes in NewStream.
-    stream_id = pair.open(SERVER_STREAM)
-    pair.client.send_message(stream_id, b"q")
-    pair.client.half_close(stream_id)
-    pair.pump()
-    for _ in range(4):
-        pair.server.send_message(stream_id, b"r" * MAX)
-    for _ in range(20):
-        events, _ = pair.pump()
-        arrived = len(data_of(events))
-        if not arrived:
-            break
-        pair.client.acknowledge(stream_id, arrived)
+    stream_to_client(pair, 4 * MAX)
     later = pair.open(SERVER_STREAM)
     new_streams = [f for f in pair.c2s if f.WhichOneof("frame") == "new_stream"]
     assert new_streams[-1].stream_id == later

@@ -196,10 +196,17 @@ async def test_recv_data_raises_when_the_stream_ends_within_the_bytes() -> None:
         await read_on_server(write_abc_and_end, read)
 
 
-async def test_recv_data_acknowledges_what_it_reads_and_only_that() -> None:
-    """Data nobody read holds the sender at the HTTP/2 window; reading frees it."""
+Reads = Callable[[grpclib.protocol.Stream], Awaitable[list[int]]]
+
+
+async def held_at_the_window(total: int, first: Reads, rest: Reads) -> list[int]:
+    """Send ``total`` bytes to a server that reads once (``first``), then waits.
+
+    The sender must stop at the HTTP/2 window plus the one DATA frame the
+    first read took off the connection; then the server reads the rest
+    (``rest``).  Returns the sizes both reads returned.
+    """
     config = Configuration(http2_connection_window_size=WINDOW, http2_stream_window_size=WINDOW)
-    total = 16 * WINDOW
     server_h2: asyncio.Future[grpclib.protocol.Stream] = asyncio.get_running_loop().create_future()
     read_all = asyncio.Event()
     got: list[int] = []
@@ -208,9 +215,9 @@ async def test_recv_data_acknowledges_what_it_reads_and_only_that() -> None:
         h2 = _seam.http2_stream(stream)
         assert h2 is not None
         server_h2.set_result(h2)
-        await _seam.recv_data(h2, 5)  # one read: one DATA frame acknowledged
+        got.extend(await first(h2))
         await read_all.wait()
-        got.append(len(await _seam.recv_data(h2, total - 5)))
+        got.extend(await rest(h2))
         await stream.send_trailing_metadata()
 
     async with (
@@ -230,14 +237,27 @@ async def test_recv_data_acknowledges_what_it_reads_and_only_that() -> None:
         while h2_connection.local_flow_control_window(h2.id) > 0 and not sending.done():
             await asyncio.sleep(0.01)
         assert not sending.done()
-        # One window, plus the one DATA frame (16 KiB) the first read acknowledged.
+        # One window, plus the one DATA frame (16 KiB) the first read took.
         assert receiver.data_received <= WINDOW + 16_384
         read_all.set()
         await sending
         await stream.end()
         await stream.recv_initial_metadata()
         await stream.recv_trailing_metadata()
-    assert got == [total - 5]
+    return got
+
+
+async def test_recv_data_acknowledges_what_it_reads_and_only_that() -> None:
+    """Data nobody read holds the sender at the HTTP/2 window; reading frees it."""
+    total = 16 * WINDOW
+
+    async def first(h2: grpclib.protocol.Stream) -> list[int]:
+        return [len(await _seam.recv_data(h2, 5))]  # one read: one DATA frame acknowledged
+
+    async def rest(h2: grpclib.protocol.Stream) -> list[int]:
+        return [len(await _seam.recv_data(h2, total - 5))]
+
+    assert await held_at_the_window(total, first, rest) == [5, total - 5]
 
 
 # -- recv_some ------------------------------------------------------------------------
@@ -278,45 +298,15 @@ async def test_recv_some_is_empty_at_the_end_of_the_stream() -> None:
 
 async def test_recv_some_takes_at_most_one_data_frame_off_the_connection() -> None:
     """Data nobody read holds the sender at the HTTP/2 window, as with ``recv_data``."""
-    config = Configuration(http2_connection_window_size=WINDOW, http2_stream_window_size=WINDOW)
     total = 16 * WINDOW
-    server_h2: asyncio.Future[grpclib.protocol.Stream] = asyncio.get_running_loop().create_future()
-    read_all = asyncio.Event()
-    got: list[int] = []
 
-    async def behave(stream: grpclib.server.Stream[Any, Any]) -> None:
-        h2 = _seam.http2_stream(stream)
-        assert h2 is not None
-        server_h2.set_result(h2)
-        first = await _seam.recv_some(h2, 10)
-        await read_all.wait()
-        got.append(sum(map(len, first)))
-        got.extend(len(part) for parts in await read_all_some(h2, 1 << 20) for part in parts)
-        await stream.send_trailing_metadata()
+    async def first(h2: grpclib.protocol.Stream) -> list[int]:
+        return [sum(map(len, await _seam.recv_some(h2, 10)))]
 
-    async with (
-        asyncio.timeout(TIMEOUT),
-        server(behave, config) as port,
-        connected(port) as channel,
-        call(channel) as stream,
-    ):
-        await stream.send_request()
-        h2 = _seam.http2_stream(stream)
-        assert h2 is not None
-        sending = asyncio.create_task(_seam.send_data(h2, b"\x00" * total))
-        receiver = await server_h2
-        h2_connection = h2._h2_connection
-        assert h2.id is not None
-        while h2_connection.local_flow_control_window(h2.id) > 0 and not sending.done():
-            await asyncio.sleep(0.01)
-        assert not sending.done()
-        # One window, plus the one DATA frame (16 KiB) the first read took.
-        assert receiver.data_received <= WINDOW + 16_384
-        read_all.set()
-        await sending
-        await stream.end()
-        await stream.recv_initial_metadata()
-        await stream.recv_trailing_metadata()
+    async def rest(h2: grpclib.protocol.Stream) -> list[int]:
+        return [len(part) for parts in await read_all_some(h2, 1 << 20) for part in parts]
+
+    got = await held_at_the_window(total, first, rest)
     assert got[0] == 10 and sum(got) == total
 
 
