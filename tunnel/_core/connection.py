@@ -527,8 +527,6 @@ class Connection(Generic[OutFrame]):
         would otherwise spend its first round trip on 64 KiB.  The caller
         tells the peer (a ``window_update``, or the client's ``NewStream``).
         """
-        if self._window_target <= self.initial_window_size:
-            return 0
         inbound = st.inbound
         extra = self._grow_to(inbound, self._window_target)
         inbound.grant(extra)
