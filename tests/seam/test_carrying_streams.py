@@ -66,6 +66,19 @@ def call(channel: grpclib.client.Channel) -> grpclib.client.Stream[Message, Mess
     return channel.request(METHOD, Cardinality.STREAM_STREAM, Message, Message)
 
 
+@asynccontextmanager
+async def carrying_call(
+    behave: ServerSide, config: Configuration | None = None, *, end: bool = False
+) -> AsyncIterator[tuple[grpclib.client.Stream[Message, Message], grpclib.protocol.Stream]]:
+    """A call to a server running ``behave``, its request headers sent (and
+    its side ended with ``end``): the client stream and its HTTP/2 stream."""
+    async with server(behave, config) as port, connected(port) as channel, call(channel) as stream:
+        await stream.send_request(end=end)
+        h2 = _seam.http2_stream(stream)
+        assert h2 is not None
+        yield stream, h2
+
+
 # -- http2_stream -------------------------------------------------------------------
 
 
@@ -123,15 +136,7 @@ async def read_on_server(write: Write, read: Read) -> object:
             result.set_exception(exc)
         await stream.send_trailing_metadata()
 
-    async with (
-        asyncio.timeout(TIMEOUT),
-        server(behave) as port,
-        connected(port) as channel,
-        call(channel) as stream,
-    ):
-        await stream.send_request()
-        h2 = _seam.http2_stream(stream)
-        assert h2 is not None
+    async with asyncio.timeout(TIMEOUT), carrying_call(behave) as (stream, h2):
         await write(stream, h2)
         await stream.recv_initial_metadata()
         await stream.recv_trailing_metadata()
@@ -220,15 +225,7 @@ async def held_at_the_window(total: int, first: Reads, rest: Reads) -> list[int]
         got.extend(await rest(h2))
         await stream.send_trailing_metadata()
 
-    async with (
-        asyncio.timeout(TIMEOUT),
-        server(behave, config) as port,
-        connected(port) as channel,
-        call(channel) as stream,
-    ):
-        await stream.send_request()
-        h2 = _seam.http2_stream(stream)
-        assert h2 is not None
+    async with asyncio.timeout(TIMEOUT), carrying_call(behave, config) as (stream, h2):
         sending = asyncio.create_task(_seam.send_data(h2, b"\x00" * total))
         receiver = await server_h2
         # The sender stops when the window it was given is used up.
@@ -331,15 +328,7 @@ async def test_receive_large_frames_lets_the_peer_send_longer_data_frames() -> N
         first_read.append(first_read[0] + sum(len(p) for parts in rest for p in parts))
         await stream.send_trailing_metadata()
 
-    async with (
-        asyncio.timeout(TIMEOUT),
-        server(behave) as port,
-        connected(port) as channel,
-        call(channel) as stream,
-    ):
-        await stream.send_request()
-        h2 = _seam.http2_stream(stream)
-        assert h2 is not None
+    async with asyncio.timeout(TIMEOUT), carrying_call(behave) as (stream, h2):
         assert await stream.recv_message() is not None  # after the peer's SETTINGS
         assert h2._h2_connection.max_outbound_frame_size == size
         await _seam.send_data(h2, b"\x01" * (3 * size))
@@ -378,16 +367,8 @@ async def test_skip_data_frame_dumps_spares_the_hex_dump_and_nothing_else(
             received.append(await _seam.recv_data(h2, len(payload)))
             await stream.send_trailing_metadata()
 
-        async with (
-            asyncio.timeout(TIMEOUT),
-            server(behave) as port,
-            connected(port) as channel,
-            call(channel) as stream,
-        ):
-            await stream.send_request()
+        async with asyncio.timeout(TIMEOUT), carrying_call(behave) as (stream, h2):
             await stream.recv_initial_metadata()
-            h2 = _seam.http2_stream(stream)
-            assert h2 is not None
             await h2.send_data(payload)
             await stream.end()
             await stream.recv_trailing_metadata()
@@ -436,16 +417,8 @@ async def test_light_stream_events_carry_a_call_past_its_window_to_its_trailers(
         await h2.send_data(payload)
         await stream.send_trailing_metadata()
 
-    async with (
-        asyncio.timeout(TIMEOUT),
-        server(behave) as port,
-        connected(port) as channel,
-        call(channel) as stream,
-    ):
-        await stream.send_request(end=True)
+    async with asyncio.timeout(TIMEOUT), carrying_call(behave, end=True) as (stream, h2):
         await stream.recv_initial_metadata()
-        h2 = _seam.http2_stream(stream)
-        assert h2 is not None
         _seam.light_stream_events(h2)
         assert event_types(h2) == dict.fromkeys(_seam._STREAM_EVENTS, Flag)
         assert h2.headers_received.is_set() and not h2.trailers_received.is_set()
@@ -465,15 +438,7 @@ async def test_light_stream_events_leave_an_event_a_task_waits_on() -> None:
         await stream.send_initial_metadata()
         await stream.send_trailing_metadata()
 
-    async with (
-        asyncio.timeout(TIMEOUT),
-        server(behave) as port,
-        connected(port) as channel,
-        call(channel) as stream,
-    ):
-        await stream.send_request(end=True)
-        h2 = _seam.http2_stream(stream)
-        assert h2 is not None
+    async with asyncio.timeout(TIMEOUT), carrying_call(behave, end=True) as (stream, h2):
         headers = asyncio.create_task(stream.recv_initial_metadata())
         while not h2.headers_received._waiters:  # bounded by the timeout above
             await asyncio.sleep(0)
