@@ -25,6 +25,13 @@ is CPU time per call of the whole chain, and the chains compare directly:
 Rounds alternate the variants; medians of the rounds.  ``--profile FILE``
 also runs the router + agent chain under cProfile and writes its stats.
 
+Last, the floor of any relay on h2 (what grpclib's HTTP/2 is): one unary
+call's HTTP/2 work alone, each end priced apart, in memory (no socket, no
+event loop, no gRPC layer), with grpclib's own h2 settings; then the
+cheapest routed chain that floor allows: direct, plus a bare-h2 server end
+and client end for the two hops, plus the reverse tunnel chain (both
+tunnel ends), with proxies that cost nothing.
+
 Not part of ``make bench``: it explains the router rows.  Rounds and
 duration: ``--rounds`` (5), ``--seconds`` (1.5); ``--callers`` (1,16).
 """
@@ -46,7 +53,10 @@ from typing import Any
 
 import grpclib.client
 import grpclib.server
+import h2.config
+import h2.connection
 from grpclib.const import Cardinality, Handler
+from grpclib.metadata import USER_AGENT
 
 from tunnel import Proxy, install_fallback
 from tunnel.raw import RawMessage
@@ -266,6 +276,92 @@ def _print_counts(stats: pstats.Stats, calls: int) -> None:
         print(f"  {label:24} {count / max(calls, 1):5.1f}")
 
 
+#: Headers as grpclib sends them for a unary call to the router (payload: UNARY_PAYLOAD).
+_REQUEST_HEADERS = [
+    (":method", "POST"),
+    (":scheme", "http"),
+    (":path", UNARY),
+    (":authority", "127.0.0.1:50051"),
+    ("te", "trailers"),
+    ("content-type", "application/grpc"),
+    ("user-agent", USER_AGENT),
+    ("tunnel-key", KEY),
+]
+_RESPONSE_HEADERS = [(":status", "200"), ("content-type", "application/grpc")]
+_TRAILERS = [("grpc-status", "0")]
+
+
+def _h2_ends(calls: int) -> tuple[float, float]:
+    """CPU microseconds per unary call of h2 alone: (client end, server end).
+
+    Each end's share is timed apart: the client sends headers and the
+    message, the server reads them and answers with headers, the message
+    and trailers, the client reads the answer; each acknowledges what it
+    read, as grpclib does.  The configuration is grpclib's (no header
+    validation or normalisation).
+    """
+
+    def config(client_side: bool) -> h2.config.H2Configuration:
+        return h2.config.H2Configuration(
+            client_side=client_side,
+            header_encoding="ascii",
+            validate_inbound_headers=False,
+            validate_outbound_headers=False,
+            normalize_inbound_headers=False,
+            normalize_outbound_headers=False,
+        )
+
+    client = h2.connection.H2Connection(config(True))
+    server = h2.connection.H2Connection(config(False))
+    client.initiate_connection()
+    server.initiate_connection()
+    for _ in range(2):
+        server.receive_data(client.data_to_send())
+        client.receive_data(server.data_to_send())
+    message = len(UNARY_PAYLOAD).to_bytes(5, "big") + UNARY_PAYLOAD
+    client_cpu = server_cpu = 0.0
+    for _ in range(calls):
+        start = time.process_time()
+        stream_id = client.get_next_available_stream_id()
+        client.send_headers(stream_id, _REQUEST_HEADERS)
+        client.send_data(stream_id, message, end_stream=True)
+        request = client.data_to_send()
+        middle = time.process_time()
+        server.receive_data(request)
+        server.acknowledge_received_data(len(message), stream_id)
+        server.send_headers(stream_id, _RESPONSE_HEADERS)
+        server.send_data(stream_id, message)
+        server.send_headers(stream_id, _TRAILERS, end_stream=True)
+        response = server.data_to_send()
+        answered = time.process_time()
+        client.receive_data(response)
+        client.acknowledge_received_data(len(message), stream_id)
+        acknowledgement = client.data_to_send()
+        end = time.process_time()
+        server.receive_data(acknowledgement)  # keeps the window open; not timed
+        client_cpu += (middle - start) + (end - answered)
+        server_cpu += answered - middle
+    return client_cpu / calls * 1e6, server_cpu / calls * 1e6
+
+
+def _print_h2_floor(results: dict[str, dict[int, list[float]]], rounds: int) -> None:
+    ends = [_h2_ends(5000) for _ in range(rounds)]
+    client = statistics.median(c for c, _ in ends)
+    server = statistics.median(s for _, s in ends)
+    print(
+        f"h2 alone, µs per unary call (in memory, median of {rounds}): "
+        f"client end {client:.0f}, server end {server:.0f}"
+    )
+    if not results["reverse tunnel"][next(iter(results["direct"]))]:
+        return
+    print("floor of the routed chain on bare h2 (direct + h2 server and client ends")
+    print("+ reverse tunnel; no grpclib, proxies free):")
+    for n, costs in results["direct"].items():
+        direct = statistics.median(costs)
+        floor = direct + client + server + statistics.median(results["reverse tunnel"][n])
+        print(f"  {n:3} caller(s): {floor:6.0f} µs, {direct / floor:4.2f}x of direct in calls/s")
+
+
 def _unary_call(method: Any, request: Any, metadata: dict[str, str]) -> Call:
     async def call() -> None:
         await method(request, metadata=metadata)
@@ -311,6 +407,7 @@ def main() -> None:
             base = statistics.median(results["direct"][n])
             cells.append(f"{value:10.0f} ({value / base:4.2f}x)".rjust(22))
         print(f"{variant:16}{''.join(cells)}")
+    _print_h2_floor(results, args.rounds)
 
 
 if __name__ == "__main__":
