@@ -22,6 +22,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -193,6 +194,21 @@ def grpctunnel(
         input=stdin,
         env=env,
     )
+
+
+def assert_usage_errors(cases: dict[tuple[str, ...], str], workers: int = 4) -> None:
+    """Each argument list is refused as bad usage: exit status 2, one line naming what.
+
+    ``cases`` maps the arguments to a text that line must contain; the
+    commands run ``workers`` at a time (each is an interpreter start-up).
+    """
+    with ThreadPoolExecutor(workers) as pool:
+        results = list(pool.map(lambda args: grpctunnel(*args), cases))
+    for (args, expected), done in zip(cases.items(), results, strict=True):
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2, (args, done.stderr)
+        assert len(lines) == 1 and expected in lines[0], (args, done.stderr)
+        assert "Traceback" not in done.stderr
 
 
 async def four_call_kinds(stub: test_grpc.TestServiceStub, metadata: dict[str, str]) -> None:

@@ -6,7 +6,6 @@ import asyncio
 import ssl
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpclib.client
@@ -16,7 +15,16 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 
 from tests.programs.cluster import RedisServer
-from tests.programs.support import ROOT, Agent, Backend, Callers, Router, grpctunnel, processes
+from tests.programs.support import (
+    ROOT,
+    Agent,
+    Backend,
+    Callers,
+    Router,
+    assert_usage_errors,
+    grpctunnel,
+    processes,
+)
 from tests.stubs.pb import test_grpc, test_pb2
 from tunnel.cli import main
 
@@ -66,12 +74,7 @@ def test_what_is_checked_at_start(tmp_path: Path) -> None:
         (*joined, "--peer-listen", "127.0.0.1:0", "--peer-secret-file", str(empty)): "is empty",
         (*joined, "--peer-listen", "0.0.0.0:0", "--peer-secret-file", str(secret)): "--advertise",
     }
-    with ThreadPoolExecutor(3) as pool:
-        results = list(pool.map(lambda args: grpctunnel(*args), cases))
-    for (args, expected), done in zip(cases.items(), results, strict=True):
-        lines = done.stderr.strip().splitlines()
-        assert done.returncode == 2, (args, done.stderr)
-        assert len(lines) == 1 and expected in lines[0], (args, done.stderr)
+    assert_usage_errors(cases, workers=3)
 
 
 def test_help_shows_the_replica_settings() -> None:

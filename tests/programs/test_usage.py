@@ -7,12 +7,11 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from tests.programs.support import ROOT, Router, grpctunnel, processes
+from tests.programs.support import ROOT, Router, assert_usage_errors, grpctunnel, processes
 from tunnel.cli._config import Address, UsageError, address
 from tunnel.cli._tokens import TokenFile
 
@@ -69,13 +68,7 @@ def test_bad_usage_is_one_line_and_exit_status_2(tmp_path: Path, busy_port: int)
         ): "no such file",
         ("frobnicate",): "invalid choice",
     }
-    with ThreadPoolExecutor(4) as pool:
-        results = list(pool.map(lambda args: grpctunnel(*args), cases))
-    for (args, expected), done in zip(cases.items(), results, strict=True):
-        lines = done.stderr.strip().splitlines()
-        assert done.returncode == 2, (args, done.stderr)
-        assert len(lines) == 1 and expected in lines[0], (args, done.stderr)
-        assert "Traceback" not in done.stderr
+    assert_usage_errors(cases)
 
 
 def test_help_shows_the_defaults() -> None:
