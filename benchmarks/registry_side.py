@@ -37,7 +37,7 @@ from typing import Any
 
 import grpclib.client
 
-from .router_side import KEY, _Child, _rates
+from .router_side import KEY, Children, _rates
 from .workloads import Budget
 
 #: Keys spread over the three routers' stores.
@@ -92,39 +92,26 @@ async def _replicas(pb_dir: Path, url: str) -> AsyncIterator[tuple[int, int, dic
     with tempfile.TemporaryDirectory(prefix="tunnel-registry-bench-") as tmp:
         secret = Path(tmp, "peer.secret")
         secret.write_text(SECRET)
-        children: list[_Child] = []
+        children = Children(Path(tmp))
         try:
-            backend = _Child(
-                Path(tmp, "backend.log"), "-m", "benchmarks.router_side", "backend",
-                "--pb-dir", str(pb_dir),
-            )  # fmt: skip
-            children.append(backend)
-            backend_port = int((await backend.line("listening ")).rpartition(":")[2])
-            ports = []
-            for name in ("r1", "r2"):
-                router = _Child(
-                    Path(tmp, f"{name}.log"), "-m", "tunnel", "router", "--listen", "127.0.0.1:0",
-                    "--log-format", "json", "--registry", url, "--router-id", name,
-                    "--peer-listen", "127.0.0.1:0", "--peer-secret-file", str(secret),
-                )  # fmt: skip
-                children.append(router)
-                listening = json.loads(await router.line('"router_listening"'))
-                ports.append(int(listening["grpc"].rpartition(":")[2]))
-            agent = _Child(
-                Path(tmp, "agent.log"), "-m", "tunnel", "agent",
-                "--router", f"127.0.0.1:{ports[1]}", "--backend", f"127.0.0.1:{backend_port}",
-                "--key", KEY, "--log-format", "json",
-            )  # fmt: skip
-            children.append(agent)
-            opened = json.loads(await children[2].line('"tunnel_opened"'))
+            backend, backend_port = await children.backend(pb_dir)
+            peering = ("--peer-listen", "127.0.0.1:0", "--peer-secret-file", str(secret))
+            shared = ("--registry", url, *peering)
+            r1, r1_port = await children.router("r1", "--router-id", "r1", *shared)
+            r2, r2_port = await children.router("r2", "--router-id", "r2", *shared)
+            agent = children.agent(r2_port, backend_port)
+            opened = json.loads(await r2.line('"tunnel_opened"'))
             if not opened.get("registered"):
                 raise RuntimeError("the agent's key did not reach the registry")
-            pids = {"backend": backend.process.pid, "agent": agent.process.pid}
-            pids.update(r1=children[1].process.pid, r2=children[2].process.pid)
-            yield ports[0], ports[1], pids
+            pids = {
+                "backend": backend.process.pid,
+                "agent": agent.process.pid,
+                "r1": r1.process.pid,
+                "r2": r2.process.pid,
+            }
+            yield r1_port, r2_port, pids
         finally:
-            for child in reversed(children):
-                child.stop()
+            children.stop()
 
 
 async def peer_hop(pb_dir: Path, pb: ModuleType, budget: Budget, url: str) -> dict[str, Any]:

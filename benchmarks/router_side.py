@@ -81,35 +81,59 @@ class _Child:
             self.process.wait()
 
 
+class Children:
+    """The processes of a benchmark deployment, each logging to a file in ``tmp``.
+
+    ``stop`` stops them last started first (callers before what they call).
+    """
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.started: list[_Child] = []
+
+    def _start(self, log: str, *args: str) -> _Child:
+        child = _Child(Path(self.tmp, log), *args)
+        self.started.append(child)
+        return child
+
+    async def backend(self, pb_dir: Path) -> tuple[_Child, int]:
+        """The benchmark service (``backend`` below), and its port."""
+        child = self._start(
+            "backend.log", "-m", "benchmarks.router_side", "backend", "--pb-dir", str(pb_dir)
+        )
+        return child, int((await child.line("listening ")).rpartition(":")[2])
+
+    async def router(self, name: str, *flags: str) -> tuple[_Child, int]:
+        """``grpctunnel router`` on a free port, with ``flags``, and its gRPC port."""
+        child = self._start(
+            f"{name}.log", "-m", "tunnel", "router", "--listen", "127.0.0.1:0",
+            "--log-format", "json", *flags,
+        )  # fmt: skip
+        listening = json.loads(await child.line('"router_listening"'))
+        return child, int(listening["grpc"].rpartition(":")[2])
+
+    def agent(self, router_port: int, backend_port: int) -> _Child:
+        """``grpctunnel agent`` registering ``KEY`` with the router, for the backend."""
+        return self._start(
+            "agent.log", "-m", "tunnel", "agent",
+            "--router", f"127.0.0.1:{router_port}", "--backend", f"127.0.0.1:{backend_port}",
+            "--key", KEY, "--log-format", "json",
+        )  # fmt: skip
+
+    def stop(self) -> None:
+        for child in reversed(self.started):
+            child.stop()
+
+
 @contextlib.asynccontextmanager
 async def _deployment(pb_dir: Path) -> AsyncIterator[tuple[int, int, dict[str, int]]]:
     """Backend, router and agent; yields (backend port, router port, pids)."""
     with tempfile.TemporaryDirectory(prefix="tunnel-router-bench-") as tmp:
-        children: list[_Child] = []
+        children = Children(Path(tmp))
         try:
-            backend = _Child(
-                Path(tmp, "backend.log"),
-                "-m",
-                "benchmarks.router_side",
-                "backend",
-                "--pb-dir",
-                str(pb_dir),
-            )
-            children.append(backend)
-            backend_port = int((await backend.line("listening ")).rpartition(":")[2])
-            router = _Child(
-                Path(tmp, "router.log"), "-m", "tunnel", "router", "--listen", "127.0.0.1:0",
-                "--log-format", "json",
-            )  # fmt: skip
-            children.append(router)
-            listening = json.loads(await router.line('"router_listening"'))
-            router_port = int(listening["grpc"].rpartition(":")[2])
-            agent = _Child(
-                Path(tmp, "agent.log"), "-m", "tunnel", "agent",
-                "--router", f"127.0.0.1:{router_port}", "--backend", f"127.0.0.1:{backend_port}",
-                "--key", KEY, "--log-format", "json",
-            )  # fmt: skip
-            children.append(agent)
+            backend, backend_port = await children.backend(pb_dir)
+            router, router_port = await children.router("router")
+            agent = children.agent(router_port, backend_port)
             await router.line('"tunnel_opened"')
             pids = {
                 "backend": backend.process.pid,
@@ -118,8 +142,7 @@ async def _deployment(pb_dir: Path) -> AsyncIterator[tuple[int, int, dict[str, i
             }
             yield backend_port, router_port, pids
         finally:
-            for child in reversed(children):
-                child.stop()
+            children.stop()
 
 
 _TICK = os.sysconf("SC_CLK_TCK")
